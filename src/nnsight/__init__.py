@@ -1,0 +1,25 @@
+"""nnsight: read and write any activation of a PyTorch model while it runs.
+
+    from nnsight import NNsight
+    model = NNsight(net)
+    with model.trace(x):
+        hidden = model.layer1.output.save()
+"""
+
+from .envoy import Envoy
+from .models.base import NNsight
+from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
+from .tracing.tracer import save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NNsight",
+    "Envoy",
+    "save",
+    "NNsightError",
+    "OutOfOrderError",
+    "MissedValueError",
+    "NotInTraceError",
+    "__version__",
+]

@@ -1,0 +1,1 @@
+"""Model wrappers: ``NNsight`` for any module, ``LanguageModel`` for Hugging Face causal LMs."""

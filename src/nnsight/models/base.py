@@ -1,0 +1,91 @@
+"""``NNsight``: wrap any ``torch.nn.Module`` so ``with model.trace(x):`` can read and write its internals.
+
+    from nnsight import NNsight
+    model = NNsight(torch.nn.Sequential(torch.nn.Linear(5, 10), torch.nn.Linear(10, 2)))
+    with model.trace(torch.rand(1, 5)):
+        hidden = model[0].output.save()
+        out = model.output.save()
+
+Options of ``model.trace(*inputs, **kwargs)``:
+    inputs, kwargs   passed to the module's forward (several invokes are concatenated on dim 0)
+
+Subclasses adapt a model family by overriding:
+    _prepare_input(*args, **kwargs) -> (args, kwargs, batch_size)   one invoke's input
+    _batch(prepared, invokers) -> (args, kwargs)                    several invokes as one batch
+    _run(args, kwargs)                                              one run of the model
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..envoy import Envoy
+from ..tracing.batching import concatenate
+from ..tracing.errors import NNsightError
+from ..tracing.tracer import Tracer
+
+
+class NNsight(Envoy):
+    """The root envoy of a traced model (see module docstring)."""
+
+    def __init__(self, module: torch.nn.Module, **kwargs):
+        if isinstance(module, Envoy):
+            module = module._module
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
+        super().__init__(module, "model")
+        object.__setattr__(self, "_order", None)
+
+    def trace(self, *inputs, remote: bool = False, **kwargs) -> Tracer:
+        """A context that runs the model once on ``inputs`` with the block's code alongside."""
+        if remote:
+            raise NotImplementedError("remote execution is not available in this version of nnsight")
+        return Tracer(self, inputs, kwargs)
+
+    # -- hooks for model families -------------------------------------------
+
+    def _prepare_input(self, *args, **kwargs):
+        size = None
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                size = value.shape[0]
+                break
+        return args, kwargs, 1 if size is None else size
+
+    def _batch(self, prepared, invokers):
+        first_args, first_kwargs = prepared[0]
+        if any(len(a) != len(first_args) or k.keys() != first_kwargs.keys() for a, k in prepared):
+            raise NNsightError("every invoke must pass the same positional and keyword arguments to be batched")
+        args = tuple(concatenate([a[i] for a, _ in prepared]) for i in range(len(first_args)))
+        kwargs = {key: concatenate([k[key] for _, k in prepared]) for key in first_kwargs}
+        return args, kwargs
+
+    def _run(self, args, kwargs):
+        return self._module(*args, **kwargs)
+
+    def _module_order(self):
+        if self._order is None:
+            order = {envoy._display: i for i, envoy in enumerate(self.modules())}
+            object.__setattr__(self, "_order", order)
+        return self._order
+
+    # -- plain module behaviour ---------------------------------------------
+
+    def to(self, *args, **kwargs):
+        self._module.to(*args, **kwargs)
+        return self
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self, *args, **kwargs):
+        self._module.cuda(*args, **kwargs)
+        return self
+
+    def eval(self):
+        self._module.eval()
+        return self
+
+    def train(self, mode: bool = True):
+        self._module.train(mode)
+        return self

@@ -1,0 +1,1 @@
+"""The engine: block capture (capture), interleaving with the model (interleaver), tracers (tracer)."""

@@ -1,0 +1,86 @@
+"""Give each invoke its own rows of a batched value, and put its edits back.
+
+    view = narrow(output, rows, batch_size)        # what invoke code sees
+    output = merge(output, view, new, rows, batch_size)   # after `m.output = new`
+
+``rows`` is a ``(start, size)`` pair, or ``None`` for an invoke that sees the
+whole batch. Only tensors whose first dimension is the batch size are cut;
+everything else (caches, config objects, scalars) is shared as it is. Views are
+real views, so in-place edits such as ``m.output[0][:] = 0`` reach the model
+without any merge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _is_batched(value, batch_size) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size
+
+
+def _rebuild(value, items):
+    """A container of the same type as ``value`` holding ``items``."""
+    if isinstance(value, dict):
+        if hasattr(value, "__dataclass_fields__"):  # transformers' ModelOutput
+            return type(value)(**items)
+        rebuilt = type(value)() if type(value) is not dict else {}
+        rebuilt.update(items)
+        return rebuilt
+    if type(value) in (tuple, list):
+        return type(value)(items)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*items)
+    return type(value)(items)
+
+
+def narrow(value, rows, batch_size):
+    """The part of ``value`` that belongs to ``rows``."""
+    if rows is None:
+        return value
+    start, size = rows
+    if isinstance(value, torch.Tensor):
+        return value[start : start + size] if _is_batched(value, batch_size) else value
+    if isinstance(value, (tuple, list)):
+        return _rebuild(value, [narrow(v, rows, batch_size) for v in value])
+    if isinstance(value, dict):
+        return _rebuild(value, {k: narrow(v, rows, batch_size) for k, v in value.items()})
+    return value
+
+
+def merge(full, view, new, rows, batch_size):
+    """``full`` with the part ``view`` (what invoke code was given) replaced by ``new``."""
+    if new is view:
+        return full
+    if rows is None:
+        return new
+    start, size = rows
+    if isinstance(full, torch.Tensor):
+        if not _is_batched(full, batch_size):
+            return new
+        new = torch.as_tensor(new, dtype=full.dtype, device=full.device)
+        new = new.expand(full[start : start + size].shape)
+        return torch.cat([full[:start], new, full[start + size :]])
+    if isinstance(full, (tuple, list)) and isinstance(new, (tuple, list)) and len(new) == len(full):
+        return _rebuild(full, [merge(f, v, n, rows, batch_size) for f, v, n in zip(full, view, new)])
+    if isinstance(full, dict) and isinstance(new, dict):
+        merged = {k: merge(full[k], view.get(k), n, rows, batch_size) if k in full else n for k, n in new.items()}
+        return _rebuild(full, merged)
+    raise ValueError(
+        f"cannot put a {type(new).__name__} back into this invoke's rows of a {type(full).__name__}: "
+        "assign a value with the same structure as the one you read"
+    )
+
+
+def concatenate(values):
+    """Join the prepared inputs of several invokes into one batch along dimension 0."""
+    first = values[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(values)
+    if isinstance(first, (tuple, list)):
+        return _rebuild(first, [concatenate([v[i] for v in values]) for i in range(len(first))])
+    if isinstance(first, dict):
+        return _rebuild(first, {k: concatenate([v[k] for v in values]) for k in first})
+    if any(v != first for v in values[1:]):
+        raise ValueError(f"invokes disagree on a non-tensor input: {values!r}")
+    return first

@@ -1,0 +1,480 @@
+"""Turn the body of a ``with model.trace(...)`` block into a compiled function.
+
+    block = capture_block(frame)          # once per call site, then cached
+    scope = block.run(frame, tracer)      # registers the invokes, returns a scope reader
+
+Python cannot defer a ``with`` body, so the tracer's ``__enter__`` asks for the
+body to be skipped (``skip_body``) and its ``__exit__`` runs our compiled copy of
+it instead. The copy keeps the user's file name and line numbers, so tracebacks
+and error messages point at the user's own code.
+
+The transformed body, for a block with explicit invokes::
+
+    def __nnsight_block__(__nnsight_rt__, __nnsight_save__, __nnsight_unbound__, <caller locals>):
+        with tracer.invoke("a") as __nnsight_invoker_0__:
+            def __nnsight_invoke_0__(<loop variables, as defaults>):
+                nonlocal <every name the block assigns>
+                <invoke body>
+            __nnsight_invoker_0__.set_body(__nnsight_invoke_0__)
+        def __nnsight_scope__():
+            nonlocal <every name>
+        return __nnsight_scope__
+
+Every name the block assigns is a local of ``__nnsight_block__`` shared by all
+invokes through closures; that is how a value read in one invoke is usable in a
+later one. A block without explicit invokes is one implicit invoke. Inside
+invoke bodies, ``with tracer.iter[...] as i:`` becomes ``for i in tracer.iter[...]:``
+and ``x.save()`` becomes ``__nnsight_save__(x)``, so nothing global is patched.
+"""
+
+from __future__ import annotations
+
+import ast
+import linecache
+import sys
+from dataclasses import dataclass, field
+
+RT = "__nnsight_rt__"
+SAVE = "__nnsight_save__"
+UNBOUND = "__nnsight_unbound__"
+
+
+class SkipBlock(Exception):
+    """Raised at the first line of a captured ``with`` body so Python skips it."""
+
+
+class SourceUnavailableError(RuntimeError):
+    """The source of a traced block cannot be found (``exec`` of a string, a REPL without history)."""
+
+
+# ---------------------------------------------------------------------------
+# Skipping the body of the user's `with` statement
+# ---------------------------------------------------------------------------
+
+
+class BodySkipper:
+    """Make the next line event in ``frame`` raise :class:`SkipBlock`.
+
+    Line events only reach ``frame.f_trace`` while some trace function is set,
+    so a no-op global one is installed for that moment; whatever tracer was
+    there before (a debugger, coverage) is put back as soon as the body is skipped.
+    """
+
+    __slots__ = ("frame", "previous_global", "previous_local", "armed")
+
+    def __init__(self, frame):
+        self.frame = frame
+        self.previous_global = sys.gettrace()
+        self.previous_local = frame.f_trace
+        self.armed = True
+        frame.f_trace = self._on_event
+        sys.settrace(_no_trace)
+
+    def _on_event(self, frame, event, arg):
+        if event == "line" and self.armed:
+            self.restore()
+            raise SkipBlock()
+        return self._on_event
+
+    def restore(self):
+        if self.armed:
+            self.armed = False
+            sys.settrace(self.previous_global)
+            self.frame.f_trace = self.previous_local
+
+
+def _no_trace(frame, event, arg):
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Finding and transforming the block
+# ---------------------------------------------------------------------------
+
+_parsed_files: dict[tuple[str, int], ast.Module] = {}
+
+
+def _parse_source(filename: str, module_globals) -> ast.Module:
+    linecache.checkcache(filename)
+    lines = linecache.getlines(filename, module_globals)
+    if not lines:
+        raise SourceUnavailableError(
+            f"nnsight cannot find the source code of the traced block in {filename!r}. "
+            "A trace block must live in a file, a Jupyter/IPython cell or another place "
+            "where Python keeps the source; code run with exec() of a string has none."
+        )
+    text = "".join(lines)
+    key = (filename, hash(text))
+    tree = _parsed_files.get(key)
+    if tree is None:
+        tree = ast.parse(text, filename)
+        _parsed_files[key] = tree
+    return tree
+
+
+def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
+    best = None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With):
+            first_body_line = node.body[0].lineno
+            header_end = max(node.lineno, first_body_line - 1)
+            if node.lineno <= lineno <= header_end and (best is None or node.lineno >= best.lineno):
+                best = node
+    if best is None:
+        raise SourceUnavailableError(
+            f"nnsight could not find the `with` statement at {filename}:{lineno}. "
+            "Tracers must be used as `with model.trace(...):` blocks."
+        )
+    if best.body[0].lineno == best.lineno:
+        raise SyntaxError(
+            f"{filename}:{lineno}: put the body of a `with model.trace(...)` block on its own "
+            "lines; nnsight cannot skip a body written on the same line as `with`."
+        )
+    return best
+
+
+def _call_attr(node) -> str | None:
+    """``x.invoke(...)`` -> 'invoke'; ``x.iter[...]`` -> 'iter'; ``x.all()`` -> 'all'."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return node.func.attr
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute):
+        if node.value.attr == "iter":
+            return "iter"
+    return None
+
+
+def _is_invoke(node) -> bool:
+    return isinstance(node, ast.With) and len(node.items) == 1 and _call_attr(node.items[0].context_expr) == "invoke"
+
+
+def _is_iter(node) -> bool:
+    return (
+        isinstance(node, ast.With)
+        and len(node.items) == 1
+        and _call_attr(node.items[0].context_expr) in ("iter", "all")
+    )
+
+
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
+
+
+class _NameUse(ast.NodeVisitor):
+    """Names a list of statements binds and reads in its own scope."""
+
+    def __init__(self, skip_invokes=False):
+        self.assigned: set[str] = set()
+        self.loaded: set[str] = set()
+        self.globals: set[str] = set()
+        self.skip_invokes = skip_invokes
+
+    def visit_Name(self, node):
+        (self.assigned if isinstance(node.ctx, (ast.Store, ast.Del)) else self.loaded).add(node.id)
+
+    def visit_FunctionDef(self, node):
+        self.assigned.add(node.name)
+        for deco in node.decorator_list:
+            self.visit(deco)
+        for default in node.args.defaults + [d for d in node.args.kw_defaults if d]:
+            self.visit(default)
+        inner = _NameUse()
+        for stmt in node.body:
+            inner.visit(stmt)
+        self.loaded |= inner.loaded  # closures read the block's names
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+    visit_ClassDef = visit_FunctionDef
+
+    def visit_Lambda(self, node):
+        inner = _NameUse()
+        inner.visit(node.body)
+        self.loaded |= inner.loaded
+
+    def _visit_comprehension(self, node):
+        inner = _NameUse()
+        inner.generic_visit(node)
+        self.loaded |= inner.loaded
+        # A walrus inside a comprehension binds in the enclosing scope.
+        for sub in ast.walk(node):
+            if isinstance(sub, ast.NamedExpr) and isinstance(sub.target, ast.Name):
+                self.assigned.add(sub.target.id)
+
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _visit_comprehension
+
+    def visit_Import(self, node):
+        for alias in node.names:
+            self.assigned.add((alias.asname or alias.name).split(".")[0])
+
+    visit_ImportFrom = visit_Import
+
+    def visit_ExceptHandler(self, node):
+        if node.name:
+            self.assigned.add(node.name)
+        self.generic_visit(node)
+
+    def visit_Global(self, node):
+        self.globals.update(node.names)
+
+    visit_Nonlocal = visit_Global
+
+    def visit_With(self, node):
+        if self.skip_invokes and _is_invoke(node):
+            for item in node.items:
+                self.visit(item)
+            return
+        self.generic_visit(node)
+
+
+def _names(stmts, skip_invokes=False) -> _NameUse:
+    use = _NameUse(skip_invokes)
+    for stmt in stmts:
+        use.visit(stmt)
+    return use
+
+
+class _SaveRewriter(ast.NodeTransformer):
+    """``x.save()`` -> ``__nnsight_save__(x)`` and iteration ``with`` blocks -> ``for`` loops."""
+
+    def visit_Call(self, node):
+        self.generic_visit(node)
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "save":
+            return ast.copy_location(
+                ast.Call(
+                    func=ast.Name(SAVE, ast.Load()),
+                    args=[node.func.value, *node.args],
+                    keywords=node.keywords,
+                ),
+                node,
+            )
+        return node
+
+    def visit_With(self, node):
+        self.generic_visit(node)
+        if _is_iter(node):
+            item = node.items[0]
+            target = item.optional_vars or ast.Name("__nnsight_step__", ast.Store())
+            loop = ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[])
+            return ast.copy_location(loop, node)
+        return node
+
+
+@dataclass
+class Block:
+    """A captured call site: compiled code plus the caller-local names it needs."""
+
+    code: object
+    param_names: tuple[str, ...]
+    filename: str
+    lineno: int
+    shared_names: frozenset  # names bound by invoke bodies, which later invokes may read
+    source_lines: list[str] = field(repr=False, default_factory=list)
+
+    def run(self, frame, runtime, save):
+        """Execute the eager part of the block; returns the function whose closure holds every name."""
+        import types
+
+        fn = types.FunctionType(self.code, frame.f_globals)
+        if self.param_names:
+            caller = frame.f_locals
+            values = [caller.get(name, _UNBOUND) for name in self.param_names]
+            return fn(runtime, save, _UNBOUND, *values)
+        return fn(runtime, save, _UNBOUND)
+
+
+class _Unbound:
+    __slots__ = ()
+
+    def __repr__(self):
+        return "<unbound>"
+
+
+_UNBOUND = _Unbound()
+
+
+def _nonlocal(names, node):
+    return [ast.copy_location(ast.Nonlocal(names=sorted(names)), node)] if names else []
+
+
+def _function(name, body, node, nonlocals, defaults=()):
+    args = ast.arguments(
+        posonlyargs=[],
+        args=[ast.arg(arg=n) for n in defaults],
+        vararg=None,
+        kwonlyargs=[],
+        kw_defaults=[],
+        kwarg=None,
+        defaults=[ast.Name(n, ast.Load()) for n in defaults],
+    )
+    fn = ast.FunctionDef(
+        name=name, args=args, body=_nonlocal(nonlocals, node) + body, decorator_list=[], returns=None
+    )
+    if sys.version_info >= (3, 12):
+        fn.type_params = []
+    return ast.copy_location(fn, node)
+
+
+class _InvokeRewriter(ast.NodeTransformer):
+    """Rewrites each ``with x.invoke(...)`` into a registered body function."""
+
+    def __init__(self, all_assigned, outer_assigned, invokes_assigned):
+        self.all_assigned = all_assigned
+        self.outer_assigned = outer_assigned
+        self.all_assigned_in_invokes = invokes_assigned
+        self.count = 0
+
+    def visit_FunctionDef(self, node):
+        return node
+
+    visit_AsyncFunctionDef = visit_ClassDef = visit_Lambda = visit_FunctionDef
+
+    def visit_With(self, node):
+        if not _is_invoke(node):
+            self.generic_visit(node)
+            return node
+        n = self.count
+        self.count += 1
+        invoker_name = f"__nnsight_invoker_{n}__"
+        body = [_SaveRewriter().visit(stmt) for stmt in node.body]
+        inner = _names(node.body)
+        # Names the eager part rebinds (loop variables) are frozen at definition time;
+        # names the invokes themselves bind stay shared between all invokes.
+        snapshot = sorted((self.outer_assigned - inner.assigned - self.all_assigned_in_invokes) & inner.loaded)
+        nonlocals = (self.all_assigned - set(snapshot)) - inner.globals
+        fn_name = f"__nnsight_invoke_{n}__"
+        item = node.items[0]
+        prefix = []
+        if item.optional_vars is not None:
+            prefix.append(ast.copy_location(ast.Assign(targets=[item.optional_vars], value=ast.Name(invoker_name, ast.Load())), node))
+        register = ast.copy_location(
+            ast.Expr(
+                ast.Call(
+                    func=ast.Attribute(ast.Name(invoker_name, ast.Load()), "set_body", ast.Load()),
+                    args=[ast.Name(fn_name, ast.Load())],
+                    keywords=[],
+                )
+            ),
+            node,
+        )
+        new_with = ast.With(
+            items=[ast.withitem(context_expr=item.context_expr, optional_vars=ast.Name(invoker_name, ast.Store()))],
+            body=prefix + [_function(fn_name, body, node, nonlocals, snapshot), register],
+        )
+        return ast.copy_location(new_with, node)
+
+
+def _build(with_node: ast.With, caller_locals: set[str], filename: str) -> tuple[object, tuple[str, ...], bool]:
+    body = with_node.body
+    whole = _names(body)
+    all_assigned = whole.assigned - whole.globals
+    referenced = whole.assigned | whole.loaded
+    params = tuple(sorted(referenced & caller_locals))
+    has_invokes = any(_is_invoke(n) for stmt in body for n in ast.walk(stmt))
+    invokes_assigned = set()
+
+    stmts: list[ast.stmt] = []
+    for name in params:  # a caller variable not yet bound must stay unbound
+        stmts.append(
+            ast.If(
+                test=ast.Compare(ast.Name(name, ast.Load()), [ast.Is()], [ast.Name(UNBOUND, ast.Load())]),
+                body=[ast.Delete([ast.Name(name, ast.Del())])],
+                orelse=[],
+            )
+        )
+    local_only = sorted(all_assigned - set(params))
+    if local_only:  # makes them locals of the block function without binding them
+        stmts.append(
+            ast.If(
+                test=ast.Constant(False),
+                body=[ast.Assign(targets=[ast.Name(n, ast.Store()) for n in local_only], value=ast.Constant(None))],
+                orelse=[],
+            )
+        )
+
+    if has_invokes:
+        eager = _names(body, skip_invokes=True)
+        for stmt in body:
+            for n in ast.walk(stmt):
+                if _is_invoke(n):
+                    invokes_assigned |= _names(n.body).assigned
+        rewriter = _InvokeRewriter(all_assigned, eager.assigned - eager.globals, invokes_assigned)
+        stmts += [rewriter.visit(stmt) for stmt in body]
+    else:
+        rewritten = [_SaveRewriter().visit(stmt) for stmt in body]
+        stmts.append(_function("__nnsight_invoke__", rewritten, with_node, all_assigned))
+        stmts.append(
+            ast.Expr(
+                ast.Call(
+                    func=ast.Attribute(ast.Name(RT, ast.Load()), "implicit_invoke", ast.Load()),
+                    args=[ast.Name("__nnsight_invoke__", ast.Load())],
+                    keywords=[],
+                )
+            )
+        )
+    everything = set(params) | all_assigned
+    stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
+    stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
+    for stmt in stmts:
+        ast.copy_location(stmt, with_node)
+
+    fn = ast.FunctionDef(
+        name="__nnsight_block__",
+        args=ast.arguments(
+            posonlyargs=[],
+            args=[ast.arg(arg=a) for a in (RT, SAVE, UNBOUND, *params)],
+            vararg=None,
+            kwonlyargs=[],
+            kw_defaults=[],
+            kwarg=None,
+            defaults=[],
+        ),
+        body=stmts,
+        decorator_list=[],
+        returns=None,
+    )
+    if sys.version_info >= (3, 12):
+        fn.type_params = []
+    ast.copy_location(fn, with_node)
+    module = ast.fix_missing_locations(ast.Module(body=[fn], type_ignores=[]))
+    code = compile(module, filename, "exec")
+    block_code = next(c for c in code.co_consts if getattr(c, "co_name", None) == "__nnsight_block__")
+    return block_code, params, frozenset(invokes_assigned)
+
+
+_blocks: dict[tuple, Block] = {}
+
+
+def capture_block(frame) -> Block:
+    """The compiled block for the ``with`` statement ``frame`` is executing (cached per call site)."""
+    code = frame.f_code
+    key = (code, frame.f_lineno)
+    block = _blocks.get(key)
+    if block is not None:
+        return block
+    filename = code.co_filename
+    tree = _parse_source(filename, frame.f_globals)
+    node = _find_with(tree, frame.f_lineno, filename)
+    module_level = frame.f_locals is frame.f_globals
+    caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+    block_code, params, shared_names = _build(node, caller_locals, filename)
+    block = Block(block_code, params, filename, node.lineno, shared_names)
+    _blocks[key] = block
+    return block
+
+
+def scope_cells(scope_fn) -> dict:
+    """``{name: cell}`` for every name of a block."""
+    closure = scope_fn.__closure__ or ()
+    return dict(zip(scope_fn.__code__.co_freevars, closure))
+
+
+def read_scope(scope_fn) -> dict:
+    """Current values of every name of a finished block (unbound names are left out)."""
+    values = {}
+    closure = scope_fn.__closure__
+    if closure:
+        for name, cell in zip(scope_fn.__code__.co_freevars, closure):
+            try:
+                values[name] = cell.cell_contents
+            except ValueError:
+                pass
+    return values

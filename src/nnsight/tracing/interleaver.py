@@ -1,0 +1,583 @@
+"""Run invoke bodies alongside a model, handing them the model's real values.
+
+    interleaver = Interleaver(batch_size=3)
+    interleaver.add(body_fn, rows=(0, 1))      # one Mediator per invoke
+    result = interleaver.run(lambda: model(x))
+
+Each invoke body runs in its own greenlet (a `Mediator`). When the body reads
+``envoy.output`` it parks its request on that module's `ModuleHook` and
+switches back to the model. Hooks are installed lazily, on the first request
+for a module, by putting a callable in the module instance's ``forward`` slot
+(``nn.Module.__call__`` still takes its fast path), so modules the block never
+touches cost nothing. When the module runs, the hook switches into each waiting
+mediator in invoke order; the body runs until its next request and the hook
+returns the (possibly replaced) value to the model.
+
+Greenlets were chosen over threads by measurement: a switch costs well under a
+microsecond where a thread hand-off through locks costs tens of microseconds.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import greenlet
+import torch
+
+from .batching import merge, narrow
+from .errors import MissedValueError, NNsightError, OutOfOrderError
+
+_MISSING = object()
+
+
+class EarlyStop(BaseException):
+    """Unwinds the model's forward after ``tracer.stop()``."""
+
+
+class _State:
+    """The mediator whose code is running now (None while the model runs)."""
+
+    mediator = None
+
+
+current = _State()
+
+
+def current_mediator():
+    return current.mediator
+
+
+class Request:
+    __slots__ = ("hook", "point", "kind", "step", "index")
+
+    def __init__(self, hook, point, kind, step, index):
+        self.hook, self.point, self.kind, self.step, self.index = hook, point, kind, step, index
+
+    def describe(self):
+        suffix = f" (call {self.index + 1})" if self.index else ""
+        step = f" at generation step {self.step}" if self.step else ""
+        return f"{self.hook.path}.{self.kind}{suffix}{step}"
+
+
+class StepRequest:
+    """Waits for the model's forward number ``step`` to begin (generation steps)."""
+
+    __slots__ = ("step",)
+    hook = None
+
+    def __init__(self, step):
+        self.step = step
+
+
+class ResultRequest:
+    """Waits for the value the whole run returns (``tracer.result``, ``model.generator.output``)."""
+
+    __slots__ = ()
+    hook = None
+
+
+class BarrierRequest:
+    __slots__ = ("barrier",)
+    hook = None
+
+    def __init__(self, barrier):
+        self.barrier = barrier
+
+
+class Delivery:
+    """A value handed to a mediator while the model is paused at one hook point."""
+
+    __slots__ = ("hook", "point", "index", "full", "view", "skip", "versions", "written")
+
+    def __init__(self, hook, point, index, full, view):
+        self.hook, self.point, self.index, self.full, self.view = hook, point, index, full, view
+        self.skip = _MISSING
+        self.versions = _versions(view)
+        self.written = False
+
+    def edited(self) -> bool:
+        """Whether the body replaced this value or changed it in place since it was handed over."""
+        return self.written or _versions(self.view) != self.versions
+
+    def read(self, kind):
+        if kind == "input":
+            args, kwargs = self.view
+            if args:
+                return args[0]
+            return next(iter(kwargs.values())) if kwargs else None
+        return self.view
+
+    def write(self, kind, value, mediator):
+        il = mediator.interleaver
+        if kind == "input":
+            args, kwargs = self.view
+            if args:
+                new = ((value, *args[1:]), kwargs)
+            elif kwargs:
+                key = next(iter(kwargs))
+                new = (args, {**kwargs, key: value})
+            else:
+                raise ValueError(f"{self.hook.path} was called without inputs: there is no .input to replace")
+        elif kind == "inputs":
+            if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
+                raise TypeError(f"{self.hook.path}.inputs must be set to an (args_tuple, kwargs_dict) pair")
+            new = (tuple(value[0]), value[1])
+        else:
+            new = value
+        self.full = merge(self.full, self.view, new, mediator.rows, il.batch_size)
+        self.view = narrow(self.full, mediator.rows, il.batch_size)
+        self.written = True
+
+
+def _versions(value):
+    """In-place edit counters of the tensors in ``value`` (one level of containers deep)."""
+    if isinstance(value, torch.Tensor):
+        return value._version
+    if isinstance(value, (tuple, list)):
+        return [v._version if isinstance(v, torch.Tensor) else _versions(v) if isinstance(v, (tuple, list, dict)) else None for v in value]
+    if isinstance(value, dict):
+        return [v._version for v in value.values() if isinstance(v, torch.Tensor)]
+    return None
+
+
+class ModuleHook:
+    """Sits in a module's ``forward`` slot for one trace and serves waiting mediators."""
+
+    __slots__ = (
+        "module", "path", "interleaver", "original", "previous", "step", "count", "waiting",
+        "counts_steps", "call_inputs", "__wrapped__",
+    )
+
+    def __init__(self, module, path, interleaver, counts_steps=False):
+        self.module = module
+        self.path = path
+        self.interleaver = interleaver
+        self.step = None
+        self.count = 0
+        self.waiting = 0
+        self.counts_steps = counts_steps  # the root of a generation loop: each call is a step
+        self.call_inputs = None
+        module_dict = module.__dict__
+        self.previous = module_dict.get("forward", _MISSING)
+        self.original = module.forward
+        self.__wrapped__ = self.original  # keeps inspect.signature(module.forward) truthful
+        module_dict["forward"] = self
+
+    def remove(self):
+        module_dict = self.module.__dict__
+        if module_dict.get("forward") is self:
+            if self.previous is _MISSING:
+                del module_dict["forward"]
+            else:
+                module_dict["forward"] = self.previous
+
+    def __call__(self, *args, **kwargs):
+        il = self.interleaver
+        if il.bypass:
+            return self.original(*args, **kwargs)
+        if self.counts_steps:
+            il.begin_step()
+        step = il.step
+        if self.step != step:
+            self.step = step
+            self.count = 0
+        index = self.count
+        self.count = index + 1
+        if self.waiting:
+            (args, kwargs), skip = il.serve(self, "input", index, (args, kwargs))
+            self.call_inputs = (args, kwargs)
+            output = self.original(*args, **kwargs) if skip is _MISSING else skip
+        else:
+            self.call_inputs = (args, kwargs)
+            output = self.original(*args, **kwargs)
+        if self.waiting:
+            output, _ = il.serve(self, "output", index, output)
+        return output
+
+
+class Mediator:
+    """One invoke: its body's greenlet, its rows of the batch and its place in the model."""
+
+    def __init__(self, interleaver, body, rows, label):
+        self.interleaver = interleaver
+        self.body = body
+        self.rows = rows
+        self.label = label
+        self.greenlet = greenlet.greenlet(self._run)
+        self.pending = None
+        self.current = None  # Delivery the model is paused at for this mediator
+        self.step = 0
+        self.counts = {}
+        self.last = None  # Request last served, for error messages
+        self.done = False
+        self.served = 0
+        self.waiting_on = None  # (name, cell, error): started too early, see Interleaver._defer
+
+    def restart(self):
+        """A fresh run of the body (it had not received any value yet)."""
+        self.greenlet = greenlet.greenlet(self._run)
+        self.pending = self.current = self.last = None
+        self.step = 0
+        self.counts = {}
+
+    def _run(self, _start=None):
+        self.body()
+        self.done = True
+
+    # -- worker side -------------------------------------------------------
+
+    def get(self, envoy, kind):
+        """The value of ``envoy.<kind>`` for this invoke.
+
+        Reading again while the model is still paused at the same place returns
+        the same call's value if the body edited it (``m.output[:] = 0`` then
+        ``m.output.save()``); an untouched value read twice means "the next call"
+        (a module the forward calls several times).
+        """
+        hook = self.interleaver.hook_for(envoy)
+        point = "output" if kind == "output" else "input"
+        delivery = self.current
+        if delivery is not None and delivery.hook is hook:
+            if delivery.point == point and delivery.edited():
+                return delivery.read(kind)
+            if point == "input" and delivery.point == "output":  # the inputs of the call that just ran
+                args_kwargs = narrow(hook.call_inputs, self.rows, self.interleaver.batch_size)
+                return Delivery(hook, "input", delivery.index, args_kwargs, args_kwargs).read(kind)
+        return self._wait(hook, point, kind).read(kind)
+
+    def set(self, envoy, kind, value):
+        hook = self.interleaver.hook_for(envoy)
+        point = "output" if kind == "output" else "input"
+        delivery = self.current
+        if not (delivery is not None and delivery.hook is hook and delivery.point == point):
+            delivery = self._wait(hook, point, kind)
+        delivery.write(kind, value, self)
+
+    def skip(self, envoy, value):
+        hook = self.interleaver.hook_for(envoy)
+        delivery = self.current
+        if not (delivery is not None and delivery.hook is hook and delivery.point == "input"):
+            delivery = self._wait(hook, "input", "input")
+        delivery.skip = value
+
+    def _wait(self, hook, point, kind):
+        key = (hook, kind, self.step)
+        index = self.counts.get(key, 0)
+        self.counts[key] = index + 1
+        self.pending = Request(hook, point, kind, self.step, index)
+        hook.waiting += 1
+        self.current = None
+        return self.interleaver.main.switch()
+
+    def wait_for_step(self, step) -> bool:
+        """Park until forward number ``step`` begins; False if the model finished first."""
+        il = self.interleaver
+        if il.finished:
+            return step <= il.step
+        if step <= il.step:
+            return True
+        self.pending = StepRequest(step)
+        self.current = None
+        return self.interleaver.main.switch()
+
+    def wait_for_result(self):
+        il = self.interleaver
+        if il.finished:
+            return il.result
+        self.pending = ResultRequest()
+        self.current = None
+        return il.main.switch()
+
+    def park(self, barrier):
+        """Wait at a barrier until the interleaver releases every participant."""
+        self.pending = BarrierRequest(barrier)
+        self.current = None
+        return self.interleaver.main.switch()
+
+    # -- model side --------------------------------------------------------
+
+    def resume(self, value):
+        """Switch into the body; returns when it asks for something else or finishes."""
+        previous = current.mediator
+        current.mediator = self
+        try:
+            self.greenlet.switch(value)
+        finally:
+            current.mediator = previous
+        if self.interleaver.stopping:
+            raise EarlyStop()
+
+
+class Interleaver:
+    """Runs a computation and the mediators of one trace together."""
+
+    def __init__(self, batch_size=None, module_order=None):
+        self.batch_size = batch_size
+        self._module_order = module_order  # () -> {display path: position}, for error messages
+        self.mediators: list[Mediator] = []
+        self.hooks: dict[int, ModuleHook] = {}
+        self.step = -1
+        self.bypass = 0
+        self.finished = False
+        self.stopping = False
+        self.result = None
+        self.released = []
+        self.tracer = None
+        self.shared_cells = {}  # name -> cell of names that invoke bodies bind
+        self.deferred = []
+        self.main = None
+
+    @property
+    def module_order(self):
+        return self._module_order() if self._module_order is not None else None
+
+    def add(self, body, rows=None, label="invoke"):
+        mediator = Mediator(self, body, rows, label)
+        self.mediators.append(mediator)
+        return mediator
+
+    def hook_for(self, envoy, counts_steps=False) -> ModuleHook:
+        module = envoy._module
+        hook = self.hooks.get(id(module))
+        if hook is None:
+            if self.finished:
+                raise MissedValueError(
+                    f"{envoy._path} was requested after the model had finished running; "
+                    "values exist only while the model runs"
+                )
+            # A module's forward that is already running cannot be hooked any more, and
+            # the only modules that can be running when a later request comes are
+            # ancestors of this one; hooking them now, before any of them starts, keeps
+            # every later request for them servable.
+            if envoy._parent is not None:
+                self.hook_for(envoy._parent)
+            hook = ModuleHook(module, envoy._display, self, counts_steps)
+            self.hooks[id(module)] = hook
+        return hook
+
+    # -- serving -----------------------------------------------------------
+
+    def serve(self, hook, point, index, value):
+        """Hand ``value`` to every mediator waiting at this hook point, in invoke order."""
+        step = self.step
+        skip = _MISSING
+        skips = None
+        for mediator in self.mediators:
+            request = mediator.pending
+            while (
+                request is not None
+                and request.hook is hook
+                and request.point == point
+                and request.index == index
+                and request.step == step
+            ):
+                hook.waiting -= 1
+                mediator.pending = None
+                mediator.served += 1
+                delivery = Delivery(hook, point, index, value, narrow(value, mediator.rows, self.batch_size))
+                mediator.current = delivery
+                self._resume(mediator, delivery)
+                if mediator.current is delivery:
+                    mediator.current = None
+                mediator.last = request
+                value = delivery.full
+                if delivery.skip is not _MISSING:
+                    skips = skips or []
+                    skips.append((mediator, delivery.skip))
+                request = mediator.pending
+        if skips:
+            skip = self._combine_skips(hook, skips)
+        return value, skip
+
+    def _combine_skips(self, hook, skips):
+        for mediator, value in skips:
+            if mediator.rows is None:
+                return value
+        if len(skips) == len(self.mediators):
+            from .batching import concatenate
+
+            return concatenate([value for _, value in skips])
+        raise NNsightError(
+            f"{hook.path}.skip() was used by some invokes but not all: skip it in every invoke "
+            "of the batch, or in a prompt-less invoke"
+        )
+
+    def begin_step(self):
+        """Called as each top-level forward begins (every generation step)."""
+        self.step += 1
+        step = self.step
+        for mediator in self.mediators:
+            request = mediator.pending
+            if type(request) is StepRequest and request.step == step:
+                mediator.pending = None
+                self._resume(mediator, True)
+
+    # -- running -----------------------------------------------------------
+
+    def run(self, compute, steps_from=None):
+        """Start every mediator, run ``compute()``, then settle what is left.
+
+        ``steps_from``: the envoy whose every forward is one step (generation);
+        without it the whole computation is step 0.
+        """
+        self.main = greenlet.getcurrent()
+        result = None
+        try:
+            if steps_from is not None:
+                self.hook_for(steps_from).counts_steps = True
+            for mediator in self.mediators:
+                self._resume(mediator, None)
+            if steps_from is None:
+                self.begin_step()
+            result = compute()
+        except EarlyStop:
+            pass
+        finally:
+            self.finished = True
+            self.remove_hooks()
+        self.result = result
+        if not self.stopping:
+            self._settle()
+        return result
+
+    def _resume(self, mediator, value):
+        try:
+            mediator.resume(value)
+        except NameError as error:
+            if not self._defer(mediator, error):
+                raise
+        while self.released:
+            released = self.released.pop(0)
+            released.pending = None
+            released.resume(None)
+        if self.deferred:
+            self._start_deferred()
+
+    def _defer(self, mediator, error) -> bool:
+        """An invoke read a name that an earlier invoke binds, before that invoke had bound it.
+
+        The README's cross-invoke example does exactly this (``wte.output =
+        embeddings`` in invoke 2). If the body has not been handed any model value
+        yet, nothing is lost by running it again from the top once the name is bound.
+        """
+        cell = self.shared_cells.get(getattr(error, "name", None))
+        if cell is None or mediator.served:
+            return False
+        mediator.waiting_on = (error.name, cell, error)
+        mediator.restart()
+        self.deferred.append(mediator)
+        return True
+
+    def _start_deferred(self):
+        for mediator in list(self.deferred):
+            name, cell, _ = mediator.waiting_on
+            try:
+                cell.cell_contents
+            except ValueError:
+                continue
+            self.deferred.remove(mediator)
+            mediator.waiting_on = None
+            self._resume(mediator, None)
+
+    def release(self, mediators):
+        """Let every mediator parked at a barrier go on, in invoke order, once the model regains control."""
+        self.released.extend(mediators)
+
+    def remove_hooks(self):
+        for hook in reversed(list(self.hooks.values())):
+            hook.remove()
+
+    def _settle(self):
+        """After the model: end open-ended step loops, hand out the result, report what was never served."""
+        progress = True
+        while progress:
+            progress = False
+            for mediator in self.mediators:
+                request = mediator.pending
+                if type(request) is StepRequest:
+                    mediator.pending = None
+                    self._resume(mediator, False)
+                    progress = True
+                elif type(request) is ResultRequest:
+                    mediator.pending = None
+                    self._resume(mediator, self.result)
+                    progress = True
+        for mediator in self.deferred:
+            name, _, error = mediator.waiting_on
+            raise NameError(
+                f"name {name!r} is set by another invoke, but it was never set before this invoke needed it "
+                f"(this invoke waited for it until the model finished)",
+                name=name,
+            ).with_traceback(error.__traceback__)
+        for mediator in self.mediators:
+            if mediator.pending is not None and not mediator.done:
+                self._fail(mediator)
+
+    def _fail(self, mediator):
+        request = mediator.pending
+        mediator.pending = None
+        error = self._missed_error(mediator, request)
+        previous = current.mediator
+        current.mediator = mediator
+        try:
+            mediator.greenlet.throw(error)
+        finally:
+            current.mediator = previous
+        # The body caught the error and carried on: it asked for something else.
+        if mediator.pending is not None and not mediator.done:
+            self._fail(mediator)
+
+    def _missed_error(self, mediator, request):
+        if type(request) is BarrierRequest:
+            return NNsightError(
+                f"a barrier for {request.barrier.participants} invokes was reached by only "
+                f"{len(request.barrier.arrived)}: check the number it was created with"
+            )
+        wanted = request.describe()
+        last = mediator.last
+        if last is not None and last.step == request.step and _runs_before(request.hook, last.hook):
+            return OutOfOrderError(
+                f"{wanted} was requested after {last.describe()}, but {request.hook.path} had already run "
+                f"by then. Within one invoke, access modules in the order the model executes them "
+                f"(read {request.hook.path} before {last.hook.path}), or use a separate tracer.invoke()."
+            )
+        ran = request.hook.step is not None and request.hook.step >= request.step
+        if ran:
+            return MissedValueError(
+                f"{wanted} was requested, but {request.hook.path} was not called that many times "
+                f"(it ran {request.hook.count} time(s) in this forward pass after the request was made)."
+            )
+        return MissedValueError(
+            f"{wanted} was requested, but {request.hook.path} did not run"
+            + (f" after {last.describe()}" if last is not None else "")
+            + " before the model finished. Check that this module is part of the forward pass "
+            "for these inputs"
+            + (" and that it runs after the previous access." if last is not None else ".")
+        )
+
+    def cleanup(self):
+        """Unwind every body still suspended (after an error or tracer.stop())."""
+        for mediator in self.mediators:
+            if not mediator.greenlet.dead:
+                try:
+                    mediator.greenlet.throw(greenlet.GreenletExit)
+                except BaseException:  # the body's own cleanup failed; nothing left to report to
+                    pass
+        self.remove_hooks()
+
+
+def _runs_before(hook_a, hook_b) -> bool:
+    """Whether module A is registered before module B and is not one of B's ancestors."""
+    a, b = hook_a.path, hook_b.path
+    if b.startswith(a + ".") or b.startswith(a + "["):
+        return False
+    order = hook_a.interleaver.module_order
+    return order is not None and order.get(a, -1) < order.get(b, -1)
+
+
+def warn_unreached(steps, reached):
+    warnings.warn(
+        f"tracer.iter: generation step(s) {steps} never ran (the model ran {reached} step(s)); "
+        "the code for those steps was skipped",
+        stacklevel=3,
+    )

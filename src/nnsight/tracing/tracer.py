@@ -1,0 +1,312 @@
+"""The ``with model.trace(...)`` context: capture the block, run it with the model, bind saved names.
+
+    with model.trace("Hello") as tracer:            # one implicit invoke
+        hs = model.transformer.h[0].output.save()
+
+    with model.trace() as tracer:                   # explicit invokes, one batched forward
+        with tracer.invoke("Hello"):
+            a = model.lm_head.output.save()
+        with tracer.invoke(["World", "Test"]):
+            b = model.lm_head.output.save()
+
+Tracer methods usable inside the block:
+    tracer.invoke(*inputs, **kwargs)   one more batch entry with its own code
+    tracer.stop()                      end the forward pass here; saved values are kept
+    tracer.barrier(n)                  a rendezvous for n invokes (``barrier()`` in each)
+    tracer.iter[...] / tracer.all()    loop over generation steps
+    tracer.next()                      move this invoke's code to the next step
+    tracer.result                      the value the whole run returns
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import warnings
+
+from .capture import BodySkipper, SkipBlock, capture_block, read_scope, scope_cells
+from .errors import NNsightError, user_traceback
+from .interleaver import Interleaver, ResultRequest, StepRequest, current_mediator
+
+_CO_OPTIMIZED = 0x1
+
+_running: list["Tracer"] = []  # tracers whose eager block code is executing (innermost last)
+
+
+class Invoker:
+    """One ``with tracer.invoke(...)`` block: an input for the batch and the code that goes with it."""
+
+    def __init__(self, tracer, args, kwargs):
+        self.tracer = tracer
+        self.args = args
+        self.kwargs = kwargs
+        self.has_input = bool(args or kwargs)
+        self.body = None
+
+    def __enter__(self):
+        return self
+
+    def set_body(self, body):
+        self.body = body
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            if self.body is None:
+                raise NNsightError(
+                    "tracer.invoke(...) must be written directly inside the `with model.trace():` "
+                    "block (not in a helper function called from it)"
+                )
+            self.tracer._invokers.append(self)
+        return False
+
+
+class StepLoop:
+    """``tracer.iter[...]``: iterate an invoke's code over generation steps."""
+
+    def __init__(self, selection):
+        self.selection = selection
+
+    def _steps(self):
+        sel = self.selection
+        if isinstance(sel, int):
+            return [sel], False
+        if isinstance(sel, slice):
+            start, stop, stride = sel.start or 0, sel.stop, sel.step or 1
+            if start < 0 or (stop is not None and stop < 0):
+                raise ValueError("tracer.iter[...] takes non-negative generation steps")
+            if stop is None:
+                return _count(start, stride), True
+            return list(range(start, stop, stride)), False
+        if isinstance(sel, (list, tuple)):
+            return list(sel), False
+        raise TypeError(f"tracer.iter[...] takes an int, a slice or a list of steps, not {type(sel).__name__}")
+
+    def __iter__(self):
+        mediator = current_mediator()
+        if mediator is None:
+            raise NNsightError("tracer.iter[...] can only be used inside a trace or generate block")
+        steps, open_ended = self._steps()
+        last = None
+        remaining = list(steps) if not open_ended else None
+        try:
+            for step in steps:
+                if not mediator.wait_for_step(step):
+                    if not open_ended:
+                        warnings.warn(
+                            f"tracer.iter: generation step(s) {remaining} never ran (the model ran "
+                            f"{mediator.interleaver.step + 1} step(s)); the code for those steps was skipped",
+                            stacklevel=2,
+                        )
+                    break
+                mediator.step = step
+                last = step
+                if remaining is not None:
+                    remaining.pop(0)
+                yield step
+        finally:
+            if last is not None:
+                mediator.step = last + 1
+
+    def __enter__(self):
+        raise NNsightError(
+            "`with tracer.iter[...]:` works directly inside a trace block; in a helper function "
+            "write `for step in tracer.iter[...]:` instead"
+        )
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _count(start, stride):
+    step = start
+    while True:
+        yield step
+        step += stride
+
+
+class _IterIndexer:
+    def __getitem__(self, selection):
+        return StepLoop(selection)
+
+
+class Tracer:
+    """Runs one ``with`` block together with one run of the model (see module docstring)."""
+
+    def __init__(self, model, args, kwargs):
+        self.model = model
+        self._args = args
+        self._kwargs = kwargs
+        self._invokers: list[Invoker] = []
+        self._saved: dict[int, object] = {}
+        self._frame = None
+        self.interleaver = None
+        self._result = None
+
+    # -- the with protocol -------------------------------------------------
+
+    def __enter__(self):
+        frame = sys._getframe(1)
+        self._block = capture_block(frame)
+        self._frame = frame
+        self._skipper = BodySkipper(frame)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._skipper.restore()
+        frame, self._frame = self._frame, None
+        if exc_type is not SkipBlock:
+            return False
+        _running.append(self)
+        try:
+            scope = self._block.run(frame, self, self._save)
+            self._execute(scope)
+        except BaseException as error:
+            if isinstance(error.__context__, SkipBlock):
+                error.__suppress_context__ = True
+            raise error.with_traceback(user_traceback(error.__traceback__))
+        finally:
+            _running.pop()
+        _bind(frame, {name: value for name, value in read_scope(scope).items() if id(value) in self._saved})
+        return True
+
+    # -- used by the compiled block -----------------------------------------
+
+    def implicit_invoke(self, body):
+        invoker = Invoker(self, self._args, self._kwargs)
+        invoker.body = body
+        self._invokers.append(invoker)
+
+    def _save(self, value, *args, **kwargs):
+        if args or kwargs or hasattr(type(value), "save"):
+            return value.save(*args, **kwargs)
+        self._saved[id(value)] = value
+        return value
+
+    # -- the user's API ------------------------------------------------------
+
+    def invoke(self, *args, **kwargs) -> Invoker:
+        return Invoker(self, args, kwargs)
+
+    def stop(self):
+        """End the model's forward pass here; values saved so far are kept."""
+        mediator = current_mediator()
+        if mediator is None:
+            raise NNsightError("tracer.stop() must be called inside the trace's code")
+        interleaver = mediator.interleaver
+        if interleaver.finished:
+            return
+        interleaver.stopping = True
+        interleaver.main.switch()
+
+    def barrier(self, participants: int):
+        return Barrier(participants)
+
+    @property
+    def iter(self):
+        return _IterIndexer()
+
+    def all(self):
+        return StepLoop(slice(None))
+
+    def next(self, steps: int = 1):
+        mediator = current_mediator()
+        if mediator is None:
+            raise NNsightError("tracer.next() must be called inside the trace's code")
+        mediator.step += steps
+
+    @property
+    def result(self):
+        mediator = current_mediator()
+        if mediator is None:
+            return self._result
+        return mediator.wait_for_result()
+
+    # -- running ---------------------------------------------------------------
+
+    def _execute(self, scope):
+        model = self.model
+        invokers = self._invokers
+        if self._args or self._kwargs:
+            if not any(inv.args is self._args for inv in invokers):
+                implicit = Invoker(self, self._args, self._kwargs)
+                implicit.body = _nothing
+                invokers.insert(0, implicit)
+        with_input = [inv for inv in invokers if inv.has_input]
+        if not with_input:
+            raise NNsightError(
+                "nothing to run: pass an input to model.trace(...) or add a `with tracer.invoke(input):` block"
+            )
+        prepared = []
+        offset = 0
+        for inv in with_input:
+            args, kwargs, size = model._prepare_input(*inv.args, **inv.kwargs)
+            prepared.append((args, kwargs))
+            inv.rows = (offset, size)
+            offset += size
+        args, kwargs = prepared[0] if len(prepared) == 1 else model._batch(prepared, with_input)
+        interleaver = Interleaver(offset, model._module_order)
+        interleaver.tracer = self
+        if self._block.shared_names:
+            cells = scope_cells(scope)
+            interleaver.shared_cells = {n: cells[n] for n in self._block.shared_names if n in cells}
+        single = len(with_input) == 1
+        for inv in invokers:
+            interleaver.add(inv.body, None if (single or not inv.has_input) else inv.rows)
+        self.interleaver = interleaver
+        try:
+            self._result = self._run(interleaver, args, kwargs)
+        finally:
+            interleaver.cleanup()
+
+    def _run(self, interleaver, args, kwargs):
+        return interleaver.run(lambda: self.model._run(args, kwargs))
+
+
+class Barrier:
+    """``barrier = tracer.barrier(2)``; calling ``barrier()`` in two invokes lines them up."""
+
+    def __init__(self, participants):
+        self.participants = participants
+        self.arrived = []
+
+    def __call__(self):
+        mediator = current_mediator()
+        if mediator is None:
+            raise NNsightError("a barrier must be called inside an invoke's code")
+        self.arrived.append(mediator)
+        interleaver = mediator.interleaver
+        if len(self.arrived) >= self.participants:
+            interleaver.release(sorted(self.arrived, key=interleaver.mediators.index))
+            self.arrived = []
+        mediator.park(self)
+
+
+def _nothing():
+    pass
+
+
+def _bind(frame, values):
+    """Bind ``values`` as variables of ``frame`` (the scope the ``with`` block was written in)."""
+    if not values:
+        return
+    if frame.f_code.co_flags & _CO_OPTIMIZED:
+        if sys.version_info >= (3, 13):
+            for name, value in values.items():
+                frame.f_locals[name] = value
+        else:
+            frame.f_locals.update(values)
+            ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+    else:
+        frame.f_locals.update(values)
+
+
+def save(value):
+    """``nnsight.save(value)``: the function form of ``value.save()``."""
+    mediator = current_mediator()
+    tracer = mediator.interleaver.tracer if mediator is not None else (_running[-1] if _running else None)
+    if tracer is not None:
+        tracer._saved[id(value)] = value
+    return value
+
+
+__all__ = ["Tracer", "Invoker", "Barrier", "StepLoop", "save", "StepRequest", "ResultRequest"]
