@@ -9,6 +9,7 @@
 Options on every envoy:
     .output / .input / .inputs   read or replace the module's values (inside a trace)
     .skip(value)                 do not run the module; use ``value`` as its output
+    .next()                      the module's next call (modules called several times per forward)
     envoy(*args)                 run the module on other values, ad hoc, inside or outside a trace
     .path                        dotted path from the root, e.g. ``model.transformer.h.0``
 """
@@ -182,6 +183,12 @@ class Envoy:
     def skip(self, value):
         """Do not run this module in the current call; the model sees ``value`` as its output."""
         self._mediator("skip()").skip(self, value)
+
+    def next(self):
+        """``m.next().output``: the module's next call, even while its current one is being read."""
+        mediator = self._mediator("next()")
+        mediator.advance = True
+        return self
 
     def __call__(self, *args, **kwargs):
         mediator = current_mediator()

@@ -143,12 +143,11 @@ def _convert(gguf: Path, out: Path) -> None:
     model.eval()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    _ensure_rope_theta(out / "config.json", gguf_model.config)
+    _make_portable(out, gguf_model.config)
     for file in out.iterdir():
         file.chmod(0o644)  # safetensors writes 0600; keep a shared cache readable
-    del gguf_model
+    del gguf_model, model
 
-    del model
     say("checking the saved folder")
     _check(out)
     say("done")
@@ -194,17 +193,34 @@ def _plain_tokenizer(gguf_tokenizer):
     )
 
 
-def _ensure_rope_theta(config_json: Path, gguf_config) -> None:
-    # transformers 5.x writes rope_theta only inside `rope_parameters`,
-    # which 4.x ignores (it would silently fall back to 10000).
-    data = json.loads(config_json.read_text())
-    if "rope_theta" in data:
-        return
-    theta = getattr(gguf_config, "rope_theta", None)
-    if theta is None:
-        theta = (getattr(gguf_config, "rope_parameters", None) or {})["rope_theta"]
-    data["rope_theta"] = float(theta)
-    config_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+def _make_portable(folder: Path, gguf_config) -> None:
+    """Patch what one major version of transformers writes but the other cannot read."""
+    config = _read_json(folder / "config.json")
+    # 5.x may keep rope_theta only inside `rope_parameters`, which 4.x ignores
+    # (it would silently fall back to 10000).
+    if "rope_theta" not in config:
+        theta = getattr(gguf_config, "rope_theta", None)
+        if theta is None:
+            theta = gguf_config.rope_parameters["rope_theta"]
+        config["rope_theta"] = float(theta)
+    _write_json(folder / "config.json", config)
+
+    tokenizer_config = _read_json(folder / "tokenizer_config.json")
+    # 5.x names its class "TokenizersBackend", unknown to 4.x; 5.x still
+    # accepts the 4.x name. 5.x also drops add_bos_token, which is stated
+    # here for readers: tokenizer.json's post-processor adds nothing anyway.
+    tokenizer_config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tokenizer_config["add_bos_token"] = False
+    tokenizer_config["add_eos_token"] = False
+    _write_json(folder / "tokenizer_config.json", tokenizer_config)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _check(folder: Path) -> None:

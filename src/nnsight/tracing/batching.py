@@ -52,6 +52,9 @@ def merge(full, view, new, rows, batch_size):
     """``full`` with the part ``view`` (what invoke code was given) replaced by ``new``."""
     if new is view:
         return full
+    if isinstance(full, torch.Tensor) and isinstance(new, (int, float, bool)):
+        # `m.output = 0` (as in nnsight's docs) means "this output, all zeros".
+        new = torch.full_like(view, new)
     if rows is None:
         return new
     start, size = rows

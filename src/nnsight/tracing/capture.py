@@ -56,8 +56,9 @@ class BodySkipper:
     """Make the next line event in ``frame`` raise :class:`SkipBlock`.
 
     Line events only reach ``frame.f_trace`` while some trace function is set,
-    so a no-op global one is installed for that moment; whatever tracer was
-    there before (a debugger, coverage) is put back as soon as the body is skipped.
+    so a no-op global one is installed for that moment. CPython drops the global
+    trace function when a trace function raises, so whatever was there before
+    (a debugger, coverage) is put back by ``restore`` from the tracer's ``__exit__``.
     """
 
     __slots__ = ("frame", "previous_global", "previous_local", "armed")
@@ -72,15 +73,15 @@ class BodySkipper:
 
     def _on_event(self, frame, event, arg):
         if event == "line" and self.armed:
-            self.restore()
+            self.armed = False
+            frame.f_trace = self.previous_local
             raise SkipBlock()
         return self._on_event
 
     def restore(self):
-        if self.armed:
-            self.armed = False
-            sys.settrace(self.previous_global)
-            self.frame.f_trace = self.previous_local
+        self.armed = False
+        sys.settrace(self.previous_global)
+        self.frame.f_trace = self.previous_local
 
 
 def _no_trace(frame, event, arg):
@@ -267,6 +268,7 @@ class Block:
     filename: str
     lineno: int
     shared_names: frozenset  # names bound by invoke bodies, which later invokes may read
+    trivial: bool  # only `pass` / constants: Python may run it without a line event, so it is not skipped
     source_lines: list[str] = field(repr=False, default_factory=list)
 
     def run(self, frame, runtime, save):
@@ -397,7 +399,7 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str) -> tuple
                 if _is_invoke(n):
                     invokes_assigned |= _names(n.body).assigned
         rewriter = _InvokeRewriter(all_assigned, eager.assigned - eager.globals, invokes_assigned)
-        stmts += [rewriter.visit(stmt) for stmt in body]
+        stmts += [_SaveRewriter().visit(rewriter.visit(stmt)) for stmt in body]
     else:
         rewritten = [_SaveRewriter().visit(stmt) for stmt in body]
         stmts.append(_function("__nnsight_invoke__", rewritten, with_node, all_assigned))
@@ -456,7 +458,11 @@ def capture_block(frame) -> Block:
     module_level = frame.f_locals is frame.f_globals
     caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
     block_code, params, shared_names = _build(node, caller_locals, filename)
-    block = Block(block_code, params, filename, node.lineno, shared_names)
+    trivial = all(
+        isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
+        for stmt in node.body
+    )
+    block = Block(block_code, params, filename, node.lineno, shared_names, trivial)
     _blocks[key] = block
     return block
 

@@ -30,16 +30,31 @@ def is_internal(filename: str) -> bool:
 
 
 def user_traceback(tb):
-    """``tb`` without the engine's own frames (and torch's module-call plumbing)."""
-    frames = []
+    """``tb`` without the engine's own frames.
+
+    When the error was raised by the block's code, the model frames between the
+    trace and the block (the forward that was paused to run it) are dropped too:
+    what is left is the user's ``with`` line, then their own code.
+    """
+    entries = []
     while tb is not None:
-        if not is_internal(tb.tb_frame.f_code.co_filename):
-            frames.append(tb)
+        entries.append(tb)
         tb = tb.tb_next
+    worker_start = None
+    for i, entry in enumerate(entries):
+        if entry.tb_frame.f_code is _WORKER_ENTRY:
+            worker_start = i
+    if worker_start is not None:
+        first_internal = next((i for i, e in enumerate(entries) if is_internal(e.tb_frame.f_code.co_filename)), 0)
+        entries = entries[:first_internal] + entries[worker_start:]
+    kept = [e for e in entries if not is_internal(e.tb_frame.f_code.co_filename)]
     result = None
-    for entry in reversed(frames):
+    for entry in reversed(kept):
         result = types.TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
     return result
+
+
+_WORKER_ENTRY = None  # the code object of Mediator._run, set by the interleaver module
 
 
 def user_location(frame) -> str:

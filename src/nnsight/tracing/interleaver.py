@@ -25,6 +25,7 @@ import greenlet
 import torch
 
 from .batching import merge, narrow
+from . import errors
 from .errors import MissedValueError, NNsightError, OutOfOrderError
 
 _MISSING = object()
@@ -87,17 +88,11 @@ class BarrierRequest:
 class Delivery:
     """A value handed to a mediator while the model is paused at one hook point."""
 
-    __slots__ = ("hook", "point", "index", "full", "view", "skip", "versions", "written")
+    __slots__ = ("hook", "point", "index", "full", "view", "skip")
 
     def __init__(self, hook, point, index, full, view):
         self.hook, self.point, self.index, self.full, self.view = hook, point, index, full, view
         self.skip = _MISSING
-        self.versions = _versions(view)
-        self.written = False
-
-    def edited(self) -> bool:
-        """Whether the body replaced this value or changed it in place since it was handed over."""
-        return self.written or _versions(self.view) != self.versions
 
     def read(self, kind):
         if kind == "input":
@@ -126,18 +121,6 @@ class Delivery:
             new = value
         self.full = merge(self.full, self.view, new, mediator.rows, il.batch_size)
         self.view = narrow(self.full, mediator.rows, il.batch_size)
-        self.written = True
-
-
-def _versions(value):
-    """In-place edit counters of the tensors in ``value`` (one level of containers deep)."""
-    if isinstance(value, torch.Tensor):
-        return value._version
-    if isinstance(value, (tuple, list)):
-        return [v._version if isinstance(v, torch.Tensor) else _versions(v) if isinstance(v, (tuple, list, dict)) else None for v in value]
-    if isinstance(value, dict):
-        return [v._version for v in value.values() if isinstance(v, torch.Tensor)]
-    return None
 
 
 class ModuleHook:
@@ -162,6 +145,9 @@ class ModuleHook:
         self.original = module.forward
         self.__wrapped__ = self.original  # keeps inspect.signature(module.forward) truthful
         module_dict["forward"] = self
+        ModuleHook.installed += 1
+
+    installed = 0  # hooks in place right now, in every model (tests assert it drops back to 0)
 
     def remove(self):
         module_dict = self.module.__dict__
@@ -170,6 +156,7 @@ class ModuleHook:
                 del module_dict["forward"]
             else:
                 module_dict["forward"] = self.previous
+            ModuleHook.installed -= 1
 
     def __call__(self, *args, **kwargs):
         il = self.interleaver
@@ -206,6 +193,7 @@ class Mediator:
         self.greenlet = greenlet.greenlet(self._run)
         self.pending = None
         self.current = None  # Delivery the model is paused at for this mediator
+        self.advance = False  # envoy.next(): the next read goes to the module's next call
         self.step = 0
         self.counts = {}
         self.last = None  # Request last served, for error messages
@@ -229,20 +217,21 @@ class Mediator:
     def get(self, envoy, kind):
         """The value of ``envoy.<kind>`` for this invoke.
 
-        Reading again while the model is still paused at the same place returns
-        the same call's value if the body edited it (``m.output[:] = 0`` then
-        ``m.output.save()``); an untouched value read twice means "the next call"
-        (a module the forward calls several times).
+        Reading again while the model is still paused at that module returns the
+        same call's value (edits included). Once the body has moved on to another
+        module, reading this one again means its next call (shared modules,
+        recurrence); ``envoy.next()`` asks for the next call explicitly.
         """
         hook = self.interleaver.hook_for(envoy)
         point = "output" if kind == "output" else "input"
         delivery = self.current
-        if delivery is not None and delivery.hook is hook:
-            if delivery.point == point and delivery.edited():
+        if delivery is not None and delivery.hook is hook and not self.advance:
+            if delivery.point == point:
                 return delivery.read(kind)
-            if point == "input" and delivery.point == "output":  # the inputs of the call that just ran
+            if point == "input":  # paused at the output: the inputs of the call that just ran
                 args_kwargs = narrow(hook.call_inputs, self.rows, self.interleaver.batch_size)
                 return Delivery(hook, "input", delivery.index, args_kwargs, args_kwargs).read(kind)
+        self.advance = False
         return self._wait(hook, point, kind).read(kind)
 
     def set(self, envoy, kind, value):
@@ -581,3 +570,6 @@ def warn_unreached(steps, reached):
         "the code for those steps was skipped",
         stacklevel=3,
     )
+
+
+errors._WORKER_ENTRY = Mediator._run.__code__

@@ -148,13 +148,14 @@ class Tracer:
         frame = sys._getframe(1)
         self._block = capture_block(frame)
         self._frame = frame
-        self._skipper = BodySkipper(frame)
+        self._skipper = None if self._block.trivial else BodySkipper(frame)
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._skipper.restore()
+        if self._skipper is not None:
+            self._skipper.restore()
         frame, self._frame = self._frame, None
-        if exc_type is not SkipBlock:
+        if exc_type is not SkipBlock and not (exc_type is None and self._block.trivial):
             return False
         _running.append(self)
         try:

@@ -1,0 +1,125 @@
+"""Mistakes give clear errors that point at the user's line, and leave the model untouched."""
+
+import traceback
+
+import pytest
+import torch
+
+from nnsight import MissedValueError, NNsight, NotInTraceError, OutOfOrderError
+
+
+def _deep_seq():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(6)])
+
+
+def test_out_of_order_names_both_modules_and_the_line():
+    net = _deep_seq()
+    model = NNsight(net)
+    x = torch.rand(1, 4)
+    with pytest.raises(OutOfOrderError) as info:
+        with model.trace(x):
+            late = model[5].output
+            early = model[2].output  # the offending line
+    message = str(info.value)
+    assert "model[2]" in message and "model[5]" in message and "already run" in message
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[-1].filename == __file__ and "the offending line" in frames[-1].line
+    assert torch.equal(model(x), net(x))
+
+
+def test_module_that_never_runs(twolayer):
+    model = NNsight(twolayer)
+    with pytest.raises(MissedValueError, match=r"model\.unused.*did not run"):
+        with model.trace(torch.rand(1, 4)):
+            model.unused.output.save()
+
+
+def test_misspelt_module_lists_children(gpt2):
+    model = NNsight(gpt2)
+    with pytest.raises(AttributeError) as info:
+        model.transformer.hh
+    assert "model.transformer" in str(info.value) and "hh" in str(info.value) and "wte" in str(info.value)
+
+
+def test_index_past_the_end(gpt2):
+    model = NNsight(gpt2)
+    with pytest.raises(IndexError, match=r"model\.transformer\.h .*2 modules.*99"):
+        model.transformer.h[99]
+
+
+def test_exception_in_block_keeps_type_and_user_line(seq):
+    model = NNsight(seq)
+    with pytest.raises(RuntimeError) as info:
+        with model.trace(torch.rand(1, 5)):
+            hidden = model[0].output
+            bad = hidden @ torch.zeros(3, 3)  # shape mismatch here
+    frames = traceback.extract_tb(info.value.__traceback__)
+    assert frames[-1].filename == __file__ and "shape mismatch here" in frames[-1].line
+    # Only the `with` statement, the tracer's __exit__ (Python always adds the re-raising frame)
+    # and the user's own line: no model or engine internals in between.
+    assert [f.filename == __file__ for f in frames] == [True, False, True]
+    assert ModuleHook_installed() == 0
+
+
+def ModuleHook_installed():
+    from nnsight.tracing.interleaver import ModuleHook
+
+    return ModuleHook.installed
+
+
+def test_output_outside_trace(seq):
+    model = NNsight(seq)
+    with pytest.raises(NotInTraceError, match="outside of a trace"):
+        model[0].output
+
+
+def test_model_identical_after_errors(gpt2):
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model = NNsight(gpt2)
+    before = gpt2(ids).logits
+    for bad in range(3):
+        with pytest.raises(Exception):
+            with model.trace(ids):
+                model.transformer.h[1].output[0][:] = 0
+                if bad == 0:
+                    raise ValueError("boom")
+                if bad == 1:
+                    model.transformer.h[0].output  # out of order
+                if bad == 2:
+                    model.transformer.h[1].output[0] @ torch.zeros(2, 2)
+    assert torch.equal(gpt2(ids).logits, before)
+    assert all("forward" not in m.__dict__ for m in gpt2.modules())
+
+
+def test_error_then_next_trace_is_clean(seq):
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    with pytest.raises(ZeroDivisionError):
+        with model.trace(x):
+            model[0].output[:] = 0
+            1 / 0
+    with model.trace(x):
+        out = model.output.save()
+    assert torch.equal(out, seq(x))
+
+
+def test_multi_call_module_successive_calls(twolayer):
+    model = NNsight(twolayer)
+    x = torch.rand(2, 4)
+    seen = []
+    handle = twolayer.shared.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    twolayer(x)
+    handle.remove()
+    with model.trace(x):
+        first = model.shared.output.save()
+        second = model.shared.next().output.save()
+    assert torch.equal(first, seen[0]) and torch.equal(second, seen[1])
+    with model.trace(x):
+        first_in = model.shared.input.save()
+        first_out = model.shared.output.save()
+        same_in = model.shared.input.save()  # at call 1's output: call 1's input
+        second_in = model.shared.next().input.save()
+        second_out = model.shared.output.save()
+    assert torch.equal(first_out, seen[0]) and torch.equal(second_out, seen[1])
+    assert torch.equal(second_in, seen[0]) and torch.equal(same_in, first_in)

@@ -1,0 +1,124 @@
+"""Several invokes share one batched forward; each sees and edits only its own rows."""
+
+import pytest
+import torch
+
+from nnsight import NNsight
+
+
+def test_each_invoke_sees_its_rows_and_one_forward_runs(seq):
+    a, b = torch.rand(1, 5), torch.rand(2, 5)
+    model = NNsight(seq)
+    calls = []
+    handle = seq.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            out_a = model[0].output.save()
+        with tracer.invoke(b):
+            out_b = model[0].output.save()
+        with tracer.invoke():
+            out_all = model[0].output.save()
+    handle.remove()
+    assert calls == [3]
+    assert torch.allclose(out_a, seq[0](a)) and torch.allclose(out_b, seq[0](b))
+    assert out_all.shape == (3, 10)
+
+
+def test_edit_in_one_invoke_only_touches_its_rows(seq):
+    a, b = torch.rand(1, 5), torch.rand(1, 5)
+    model = NNsight(seq)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            model[0].output[:] = 0
+            out_a = model.output.save()
+        with tracer.invoke(b):
+            out_b = model.output.save()
+    assert torch.allclose(out_a, seq[2](torch.zeros(1, 10)))
+    assert torch.allclose(out_b, seq(b))
+
+
+def test_assignment_in_one_invoke_only_touches_its_rows(seq):
+    a, b = torch.rand(1, 5), torch.rand(1, 5)
+    model = NNsight(seq)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            out_a = model.output.save()
+        with tracer.invoke(b):
+            model[0].output = model[0].output * 0
+            out_b = model.output.save()
+    assert torch.allclose(out_a, seq(a))
+    assert torch.allclose(out_b, seq[2](torch.zeros(1, 10)))
+
+
+def test_cross_invoke_value_as_in_the_readme(gpt2):
+    """Capture the embedding output in invoke 1 and write it into invoke 2, no barrier."""
+    model = NNsight(gpt2)
+    first, second = torch.tensor([[464, 412, 733]]), torch.tensor([[62, 4808, 4808]])
+    with model.trace() as tracer:
+        with tracer.invoke(first):
+            embeddings = model.transformer.wte.output
+            out1 = model.lm_head.output.save()
+        with tracer.invoke(second):
+            model.transformer.wte.output = embeddings
+            out2 = model.lm_head.output.save()
+    assert torch.allclose(out1, out2, atol=1e-5)
+    assert torch.allclose(out1, gpt2(first).logits, atol=1e-5)
+
+
+def test_invokes_run_in_written_order(seq):
+    model = NNsight(seq)
+    with model.trace() as tracer:
+        order = list().save()
+        with tracer.invoke(torch.rand(1, 5)):
+            model[0].output
+            order.append("first")
+        with tracer.invoke(torch.rand(1, 5)):
+            model[0].output
+            order.append("second")
+    assert order == ["first", "second"]
+
+
+def test_invokes_in_a_loop_freeze_the_loop_variable(seq):
+    model = NNsight(seq)
+    inputs = [torch.rand(1, 5) for _ in range(3)]
+    with model.trace() as tracer:
+        outs = list().save()
+        for i, x in enumerate(inputs):
+            with tracer.invoke(x):
+                outs.append((i, model.output))
+    assert [i for i, _ in outs] == [0, 1, 2]
+    for i, out in outs:
+        assert torch.allclose(out, seq(inputs[i]))
+
+
+def test_barrier(gpt2):
+    model = NNsight(gpt2)
+    ids = torch.tensor([[464, 412, 733]])
+    with model.trace() as tracer:
+        barrier = tracer.barrier(2)
+        with tracer.invoke(ids):
+            emb = model.transformer.wte.output
+            barrier()
+            out1 = model.lm_head.output.save()
+        with tracer.invoke(torch.tensor([[1, 2, 3]])):
+            barrier()
+            model.transformer.wte.output = emb
+            out2 = model.lm_head.output.save()
+    assert torch.allclose(out1, out2, atol=1e-5)
+
+
+def test_trace_input_plus_explicit_invoke(seq):
+    a, b = torch.rand(1, 5), torch.rand(1, 5)
+    model = NNsight(seq)
+    with model.trace(a) as tracer:
+        with tracer.invoke(b):
+            out_b = model.output.save()
+    assert torch.allclose(out_b, seq(b))
+
+
+def test_no_input_at_all_is_a_clear_error(seq):
+    model = NNsight(seq)
+    with pytest.raises(Exception, match="nothing to run"):
+        with model.trace() as tracer:
+            with tracer.invoke():
+                model.output.save()

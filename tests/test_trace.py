@@ -1,0 +1,223 @@
+"""Saving values through a trace: they equal what plain forward hooks see, and bind like ordinary names."""
+
+import threading
+
+import pytest
+import torch
+
+import nnsight
+from nnsight import NNsight
+
+
+def hooked_outputs(module, x, names):
+    """The oracle: outputs seen by plain register_forward_hook."""
+    seen = {}
+    handles = [
+        dict(module.named_modules())[n].register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o.detach().clone()))
+        for n in names
+    ]
+    try:
+        final = module(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, final
+
+
+def test_save_equals_forward_hook(seq):
+    x = torch.rand(3, 5)
+    model = NNsight(seq)
+    with model.trace(x):
+        first = model[0].output.save()
+        relu_in = model[1].input.save()
+        last = model[2].output.save()
+        out = model.output.save()
+    seen, final = hooked_outputs(seq, x, ["0", "2"])
+    assert torch.equal(first, seen["0"])
+    assert torch.equal(relu_in, seen["0"])
+    assert torch.equal(last, seen["2"])
+    assert torch.equal(out, final)
+
+
+def test_unsaved_names_are_not_bound(seq):
+    model = NNsight(seq)
+    with model.trace(torch.rand(1, 5)):
+        hidden = model[0].output
+        kept = model[2].output.save()
+    assert kept.shape == (1, 2)
+    with pytest.raises(UnboundLocalError):
+        hidden  # noqa: B018
+
+
+def test_module_level_trace_binds_globals(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import torch\nfrom nnsight import NNsight\n"
+        "model = NNsight(torch.nn.Linear(2, 2))\n"
+        "with model.trace(torch.ones(1, 2)):\n"
+        "    out = model.output.save()\n"
+        "    other = model.output * 2\n"
+        "assert 'other' not in globals()\n"
+        "result = out\n"
+    )
+    namespace = {"__name__": "script"}
+    exec(compile(script.read_text(), str(script), "exec"), namespace)
+    assert namespace["result"].shape == (1, 2)
+
+
+def test_closure_locals_loops_comprehensions(seq):
+    model = NNsight(seq)
+    scale = 3.0
+    names = [0, 2]
+
+    def helper(t):
+        return t * scale
+
+    with model.trace(torch.rand(2, 5)):
+        outs = [model[i].output for i in names]
+        scaled = helper(outs[1]).save()
+        total = 0
+        for o in outs:
+            total = total + o.sum()
+        total = nnsight.save(total)
+        squares = {k: v ** 2 for k, v in zip(names, outs)}
+        sq = squares[2].save()
+    assert scaled.shape == (2, 2)
+    assert torch.allclose(sq, (scaled / 3.0) ** 2)
+    assert torch.isfinite(total)
+
+
+
+def test_nested_function_and_method():
+    class Experiment:
+        def __init__(self):
+            torch.manual_seed(1)
+            self.model = NNsight(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1)))
+
+        def run(self, x):
+            def inner():
+                with self.model.trace(x):
+                    h = self.model[0].output.save()
+                return h
+
+            return inner()
+
+    exp = Experiment()
+    x = torch.rand(2, 3)
+    assert torch.equal(exp.run(x), exp.model._module[0](x))
+
+
+def test_saved_list_mutation_visible(seq):
+    model = NNsight(seq)
+    with model.trace(torch.rand(1, 5)):
+        acts = list().save()
+        acts.append(model[0].output)
+        acts.append(model[2].output)
+        meta = dict(n=1).save()
+        meta["shape"] = acts[0].shape
+    assert len(acts) == 2 and meta["shape"] == (1, 10)
+
+
+def test_existing_variable_reassigned_only_if_saved(seq):
+    model = NNsight(seq)
+    value = "before"
+    kept = "before"
+    with model.trace(torch.rand(1, 5)):
+        value = model[0].output + 1
+        kept = model[0].output.save()
+    assert value == "before"
+    assert isinstance(kept, torch.Tensor)
+
+
+def test_object_with_own_save_method_is_left_alone(seq):
+    class Thing:
+        def save(self, path=None):
+            return "own save"
+
+    model = NNsight(seq)
+    with model.trace(torch.rand(1, 5)):
+        result = Thing().save()
+        out = model.output.save()
+    assert out.shape == (1, 2)
+    with pytest.raises(UnboundLocalError):
+        result  # noqa: B018
+
+
+def test_exec_of_string_gives_clear_error(seq):
+    model = NNsight(seq)
+    code = "with model.trace(torch.rand(1, 5)):\n    out = model.output.save()\n"
+    with pytest.raises(RuntimeError, match="source code"):
+        exec(code, {"model": model, "torch": torch})
+
+
+def test_outside_trace_plain_forward(seq):
+    model = NNsight(seq)
+    x = torch.rand(2, 5)
+    assert torch.equal(model(x), seq(x))
+
+
+def test_many_traces_keep_threads_and_memory_flat(seq):
+    psutil = pytest.importorskip("psutil")
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+
+    def run():
+        with model.trace(x):
+            out = model[2].output.save()
+        return out
+
+    for _ in range(100):
+        run()
+    threads = threading.active_count()
+    rss = psutil.Process().memory_info().rss
+    for _ in range(1000):
+        run()
+    assert threading.active_count() == threads
+    assert psutil.Process().memory_info().rss - rss < 20 * 2**20
+
+
+def test_trace_inside_loop_reuses_call_site(seq):
+    model = NNsight(seq)
+    results = []
+    for i in range(3):
+        x = torch.full((1, 5), float(i))
+        with model.trace(x):
+            out = model.output.save()
+        results.append(out)
+    assert all(torch.equal(r, seq(torch.full((1, 5), float(i)))) for i, r in enumerate(results))
+
+
+def test_import_changes_nothing_global():
+    import builtins
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, builtins, torch\n"
+        "before = (set(vars(torch.Tensor)), set(vars(builtins)), sys.excepthook, sys.gettrace(), set(vars(object)), set(vars(torch.nn.Module)))\n"
+        "import nnsight\n"
+        "after = (set(vars(torch.Tensor)), set(vars(builtins)), sys.excepthook, sys.gettrace(), set(vars(object)), set(vars(torch.nn.Module)))\n"
+        "assert before == after, [a ^ b if isinstance(a, set) else (a, b) for a, b in zip(before, after)]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert builtins is not None
+
+
+def test_trace_restores_tracing_function(seq):
+    import sys
+
+    model = NNsight(seq)
+    calls = []
+
+    def tracer(frame, event, arg):
+        calls.append(event)
+        return None
+
+    sys.settrace(tracer)
+    try:
+        with model.trace(torch.rand(1, 5)):
+            out = model.output.save()
+        assert sys.gettrace() is tracer
+    finally:
+        sys.settrace(None)
+    assert out.shape == (1, 2)
