@@ -8,6 +8,7 @@
 
 from .envoy import Envoy
 from .models.base import NNsight
+from .models.language import LanguageModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NNsight",
+    "LanguageModel",
     "Envoy",
     "save",
     "NNsightError",

@@ -53,6 +53,8 @@ class NNsight(Envoy):
         return args, kwargs, 1 if size is None else size
 
     def _batch(self, prepared, invokers):
+        if len(prepared) == 1:
+            return prepared[0]
         first_args, first_kwargs = prepared[0]
         if any(len(a) != len(first_args) or k.keys() != first_kwargs.keys() for a, k in prepared):
             raise NNsightError("every invoke must pass the same positional and keyword arguments to be batched")

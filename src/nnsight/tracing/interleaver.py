@@ -258,6 +258,12 @@ class Mediator:
         self.current = None
         return self.interleaver.main.switch()
 
+    def goto_step(self, step):
+        """Point this body's later reads at generation step ``step``."""
+        if step != self.step:
+            self.step = step
+            self.current = None
+
     def wait_for_step(self, step) -> bool:
         """Park until forward number ``step`` begins; False if the model finished first."""
         il = self.interleaver
@@ -272,7 +278,7 @@ class Mediator:
     def wait_for_result(self):
         il = self.interleaver
         if il.finished:
-            return il.result
+            return narrow(il.result, self.rows, il.batch_size)
         self.pending = ResultRequest()
         self.current = None
         return il.main.switch()
@@ -489,7 +495,7 @@ class Interleaver:
                     progress = True
                 elif type(request) is ResultRequest:
                     mediator.pending = None
-                    self._resume(mediator, self.result)
+                    self._resume(mediator, narrow(self.result, mediator.rows, self.batch_size))
                     progress = True
         for mediator in self.deferred:
             name, _, error = mediator.waiting_on

@@ -98,14 +98,14 @@ class StepLoop:
                             stacklevel=2,
                         )
                     break
-                mediator.step = step
+                mediator.goto_step(step)
                 last = step
                 if remaining is not None:
                     remaining.pop(0)
                 yield step
         finally:
             if last is not None:
-                mediator.step = last + 1
+                mediator.goto_step(last + 1)
 
     def __enter__(self):
         raise NNsightError(
@@ -132,10 +132,11 @@ class _IterIndexer:
 class Tracer:
     """Runs one ``with`` block together with one run of the model (see module docstring)."""
 
-    def __init__(self, model, args, kwargs):
+    def __init__(self, model, args, kwargs, run_kwargs=None):
         self.model = model
         self._args = args
         self._kwargs = kwargs
+        self._run_kwargs = run_kwargs or {}
         self._invokers: list[Invoker] = []
         self._saved: dict[int, object] = {}
         self._frame = None
@@ -213,7 +214,7 @@ class Tracer:
         mediator = current_mediator()
         if mediator is None:
             raise NNsightError("tracer.next() must be called inside the trace's code")
-        mediator.step += steps
+        mediator.goto_step(mediator.step + steps)
 
     @property
     def result(self):
@@ -244,7 +245,7 @@ class Tracer:
             prepared.append((args, kwargs))
             inv.rows = (offset, size)
             offset += size
-        args, kwargs = prepared[0] if len(prepared) == 1 else model._batch(prepared, with_input)
+        args, kwargs = model._batch(prepared, with_input)
         interleaver = Interleaver(offset, model._module_order)
         interleaver.tracer = self
         if self._block.shared_names:
@@ -260,6 +261,8 @@ class Tracer:
             interleaver.cleanup()
 
     def _run(self, interleaver, args, kwargs):
+        if self._run_kwargs:
+            kwargs = {**kwargs, **self._run_kwargs}
         return interleaver.run(lambda: self.model._run(args, kwargs))
 
 
