@@ -153,6 +153,12 @@ class Envoy:
             )
         return mediator
 
+    def _assign_lazily(self, kind, make_value):
+        if kind in ("output", "input", "inputs"):
+            self._mediator(kind).set(self, kind, make_value=make_value)
+        else:
+            setattr(self, kind, make_value())
+
     @property
     def output(self):
         """The module's output for this invoke (waits until the module has run)."""

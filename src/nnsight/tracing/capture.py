@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 
 RT = "__nnsight_rt__"
 SAVE = "__nnsight_save__"
+ASSIGN = "__nnsight_assign__"
+TARGET = "__nnsight_target__"
+_VALUE_ATTRS = ("output", "input", "inputs")
 UNBOUND = "__nnsight_unbound__"
 
 
@@ -233,8 +236,60 @@ def _names(stmts, skip_invokes=False) -> _NameUse:
     return use
 
 
+def _rewrite(stmts, rewriter=None):
+    """Apply ``_SaveRewriter`` (after ``rewriter``) to statements; a statement may become several."""
+    out = []
+    for stmt in stmts:
+        node = rewriter.visit(stmt) if rewriter is not None else stmt
+        node = _SaveRewriter().visit(node)
+        out.extend(node if isinstance(node, list) else [node])
+    return out
+
+
+def _reads_value(expr) -> bool:
+    """Whether ``expr`` (an assignment target's base) goes through ``.output``/``.input``/``.inputs``."""
+    while isinstance(expr, (ast.Subscript, ast.Attribute, ast.Call)):
+        if isinstance(expr, ast.Attribute) and expr.attr in _VALUE_ATTRS:
+            return True
+        expr = expr.func if isinstance(expr, ast.Call) else expr.value
+    return False
+
+
 class _SaveRewriter(ast.NodeTransformer):
-    """``x.save()`` -> ``__nnsight_save__(x)`` and iteration ``with`` blocks -> ``for`` loops."""
+    """Rewrites inside a block that keep it free of global patching and make writes land in order.
+
+    ``x.save()`` -> ``__nnsight_save__(x)``; ``with tracer.iter[...] as i:`` -> ``for i in ...:``;
+    ``m.output = value`` -> ``__nnsight_assign__(m, "output", lambda: value)`` and
+    ``m.output[0][:] = value`` -> ``t = m.output[0]; t[:] = value``: the model position
+    is reached *before* ``value`` is evaluated, so a value another invoke produces
+    at that same position is ready (the README's cross-invoke example).
+    """
+
+    def visit_Assign(self, node):
+        self.generic_visit(node)
+        if len(node.targets) != 1:
+            return node
+        target = node.targets[0]
+        if isinstance(target, ast.Attribute) and target.attr in _VALUE_ATTRS:
+            lazy = ast.Lambda(
+                args=ast.arguments(posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
+                body=node.value,
+            )
+            call = ast.Call(
+                func=ast.Name(ASSIGN, ast.Load()), args=[target.value, ast.Constant(target.attr), lazy], keywords=[]
+            )
+            return ast.copy_location(ast.Expr(call), node)
+        if isinstance(target, ast.Subscript) and _reads_value(target.value):
+            first = ast.copy_location(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=target.value), node)
+            second = ast.copy_location(
+                ast.Assign(
+                    targets=[ast.Subscript(value=ast.Name(TARGET, ast.Load()), slice=target.slice, ctx=ast.Store())],
+                    value=node.value,
+                ),
+                node,
+            )
+            return [first, second]
+        return node
 
     def visit_Call(self, node):
         self.generic_visit(node)
@@ -271,7 +326,7 @@ class Block:
     trivial: bool  # only `pass` / constants: Python may run it without a line event, so it is not skipped
     source_lines: list[str] = field(repr=False, default_factory=list)
 
-    def run(self, frame, runtime, save):
+    def run(self, frame, runtime, save, assign):
         """Execute the eager part of the block; returns the function whose closure holds every name."""
         import types
 
@@ -279,8 +334,8 @@ class Block:
         if self.param_names:
             caller = frame.f_locals
             values = [caller.get(name, _UNBOUND) for name in self.param_names]
-            return fn(runtime, save, _UNBOUND, *values)
-        return fn(runtime, save, _UNBOUND)
+            return fn(runtime, save, assign, _UNBOUND, *values)
+        return fn(runtime, save, assign, _UNBOUND)
 
 
 class _Unbound:
@@ -316,12 +371,21 @@ def _function(name, body, node, nonlocals, defaults=()):
 
 
 class _InvokeRewriter(ast.NodeTransformer):
-    """Rewrites each ``with x.invoke(...)`` into a registered body function."""
+    """Rewrites each ``with x.invoke(...)`` into a registered body function.
 
-    def __init__(self, all_assigned, outer_assigned, invokes_assigned):
-        self.all_assigned = all_assigned
-        self.outer_assigned = outer_assigned
-        self.all_assigned_in_invokes = invokes_assigned
+    Scoping follows what each invoke's code means where it was written:
+    a name an invoke assigns is its own (two invokes may both loop over ``i``),
+    unless another invoke reads it without assigning it (a cross-invoke value,
+    shared through the block function's cell) or the eager code assigned it.
+    Names the eager code binds and an invoke only reads (loop variables) are
+    frozen when the invoke is written. Each invoke publishes its own names when it
+    ends, so saved values reach the caller.
+    """
+
+    def __init__(self, uses, shared, eager_assigned):
+        self.uses = uses
+        self.shared = shared
+        self.eager_assigned = eager_assigned
         self.count = 0
 
     def visit_FunctionDef(self, node):
@@ -335,13 +399,22 @@ class _InvokeRewriter(ast.NodeTransformer):
             return node
         n = self.count
         self.count += 1
+        use = self.uses[n]
         invoker_name = f"__nnsight_invoker_{n}__"
-        body = [_SaveRewriter().visit(stmt) for stmt in node.body]
-        inner = _names(node.body)
-        # Names the eager part rebinds (loop variables) are frozen at definition time;
-        # names the invokes themselves bind stay shared between all invokes.
-        snapshot = sorted((self.outer_assigned - inner.assigned - self.all_assigned_in_invokes) & inner.loaded)
-        nonlocals = (self.all_assigned - set(snapshot)) - inner.globals
+        snapshot = sorted((self.eager_assigned - use.assigned) & use.loaded)
+        nonlocals = (use.assigned & (self.eager_assigned | self.shared)) - use.globals
+        publish = ast.Expr(
+            ast.Call(
+                func=ast.Attribute(ast.Name(RT, ast.Load()), "publish", ast.Load()),
+                args=[ast.Call(func=ast.Name("locals", ast.Load()), args=[], keywords=[])],
+                keywords=[],
+            )
+        )
+        body = [
+            ast.Try(
+                body=_rewrite(node.body), handlers=[], orelse=[], finalbody=[publish]
+            )
+        ]
         fn_name = f"__nnsight_invoke_{n}__"
         item = node.items[0]
         prefix = []
@@ -394,14 +467,17 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str) -> tuple
 
     if has_invokes:
         eager = _names(body, skip_invokes=True)
-        for stmt in body:
-            for n in ast.walk(stmt):
-                if _is_invoke(n):
-                    invokes_assigned |= _names(n.body).assigned
-        rewriter = _InvokeRewriter(all_assigned, eager.assigned - eager.globals, invokes_assigned)
-        stmts += [_SaveRewriter().visit(rewriter.visit(stmt)) for stmt in body]
+        uses = [_names(n.body) for stmt in body for n in ast.walk(stmt) if _is_invoke(n)]
+        shared = set()
+        for k, use in enumerate(uses):
+            for j, other in enumerate(uses):
+                if j != k:
+                    shared |= use.assigned & (other.loaded - other.assigned)
+        invokes_assigned = set().union(*(use.assigned for use in uses))
+        rewriter = _InvokeRewriter(uses, shared, eager.assigned - eager.globals)
+        stmts += _rewrite(body, rewriter)
     else:
-        rewritten = [_SaveRewriter().visit(stmt) for stmt in body]
+        rewritten = _rewrite(body)
         stmts.append(_function("__nnsight_invoke__", rewritten, with_node, all_assigned))
         stmts.append(
             ast.Expr(
@@ -422,7 +498,7 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str) -> tuple
         name="__nnsight_block__",
         args=ast.arguments(
             posonlyargs=[],
-            args=[ast.arg(arg=a) for a in (RT, SAVE, UNBOUND, *params)],
+            args=[ast.arg(arg=a) for a in (RT, SAVE, ASSIGN, UNBOUND, *params)],
             vararg=None,
             kwonlyargs=[],
             kw_defaults=[],

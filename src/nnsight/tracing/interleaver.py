@@ -199,7 +199,8 @@ class Mediator:
         self.last = None  # Request last served, for error messages
         self.done = False
         self.served = 0
-        self.waiting_on = None  # (name, cell, error): started too early, see Interleaver._defer
+        self.deferred_error = None  # why this body was put off, see Interleaver._defer
+        self.deferred_for = None
 
     def restart(self):
         """A fresh run of the body (it had not received any value yet)."""
@@ -234,13 +235,14 @@ class Mediator:
         self.advance = False
         return self._wait(hook, point, kind).read(kind)
 
-    def set(self, envoy, kind, value):
+    def set(self, envoy, kind, value=_MISSING, make_value=None):
+        """Replace ``envoy.<kind>``; ``make_value`` is called once the model has reached that point."""
         hook = self.interleaver.hook_for(envoy)
         point = "output" if kind == "output" else "input"
         delivery = self.current
         if not (delivery is not None and delivery.hook is hook and delivery.point == point):
             delivery = self._wait(hook, point, kind)
-        delivery.write(kind, value, self)
+        delivery.write(kind, make_value() if make_value is not None else value, self)
 
     def skip(self, envoy, value):
         hook = self.interleaver.hook_for(envoy)
@@ -318,8 +320,8 @@ class Interleaver:
         self.result = None
         self.released = []
         self.tracer = None
-        self.shared_cells = {}  # name -> cell of names that invoke bodies bind
-        self.deferred = []
+        self.deferred = []  # later invokes whose code ran ahead of earlier ones, see _defer
+        self._retrying = False
         self.main = None
 
     @property
@@ -438,41 +440,44 @@ class Interleaver:
     def _resume(self, mediator, value):
         try:
             mediator.resume(value)
-        except NameError as error:
+        except Exception as error:
             if not self._defer(mediator, error):
                 raise
         while self.released:
             released = self.released.pop(0)
             released.pending = None
             released.resume(None)
-        if self.deferred:
-            self._start_deferred()
+        if self.deferred and not self._retrying:
+            self._retry_deferred(after=mediator)
 
     def _defer(self, mediator, error) -> bool:
-        """An invoke read a name that an earlier invoke binds, before that invoke had bound it.
+        """A later invoke failed before the model gave it anything: try it again later.
 
-        The README's cross-invoke example does exactly this (``wte.output =
-        embeddings`` in invoke 2). If the body has not been handed any model value
-        yet, nothing is lost by running it again from the top once the name is bound.
+        Its code ran ahead of the earlier invokes it reads from, as the README's
+        cross-invoke example does (``wte.output = embeddings`` in invoke 2, where
+        invoke 1 sets ``embeddings``). Nothing is lost by running such a body again
+        from the top once an earlier invoke has moved on; if it never succeeds, its
+        error is raised when the model finishes.
         """
-        cell = self.shared_cells.get(getattr(error, "name", None))
-        if cell is None or mediator.served:
+        position = self.mediators.index(mediator)
+        if mediator.served or all(earlier.done for earlier in self.mediators[:position]):
             return False
-        mediator.waiting_on = (error.name, cell, error)
+        mediator.deferred_error = error
+        mediator.deferred_for = getattr(error, "name", None) if isinstance(error, NameError) else None
         mediator.restart()
         self.deferred.append(mediator)
         return True
 
-    def _start_deferred(self):
-        for mediator in list(self.deferred):
-            name, cell, _ = mediator.waiting_on
-            try:
-                cell.cell_contents
-            except ValueError:
-                continue
-            self.deferred.remove(mediator)
-            mediator.waiting_on = None
-            self._resume(mediator, None)
+    def _retry_deferred(self, after):
+        position = self.mediators.index(after)
+        self._retrying = True
+        try:
+            for mediator in list(self.deferred):
+                if self.mediators.index(mediator) > position:
+                    self.deferred.remove(mediator)
+                    self._resume(mediator, None)
+        finally:
+            self._retrying = False
 
     def release(self, mediators):
         """Let every mediator parked at a barrier go on, in invoke order, once the model regains control."""
@@ -498,12 +503,7 @@ class Interleaver:
                     self._resume(mediator, narrow(self.result, mediator.rows, self.batch_size))
                     progress = True
         for mediator in self.deferred:
-            name, _, error = mediator.waiting_on
-            raise NameError(
-                f"name {name!r} is set by another invoke, but it was never set before this invoke needed it "
-                f"(this invoke waited for it until the model finished)",
-                name=name,
-            ).with_traceback(error.__traceback__)
+            raise mediator.deferred_error
         for mediator in self.mediators:
             if mediator.pending is not None and not mediator.done:
                 self._fail(mediator)
@@ -523,6 +523,16 @@ class Interleaver:
             self._fail(mediator)
 
     def _missed_error(self, mediator, request):
+        error = self._describe_missed(mediator, request)
+        if mediator.deferred_for is not None:
+            error.args = (
+                error.args[0] + " Note: this invoke could only start once an earlier invoke had set "
+                + (f"{mediator.deferred_for!r}" if mediator.deferred_for else "the values it reads")
+                + ", and by then the model had moved past the modules it reads first.",
+            )
+        return error
+
+    def _describe_missed(self, mediator, request):
         if type(request) is BarrierRequest:
             return NNsightError(
                 f"a barrier for {request.barrier.participants} invokes was reached by only "

@@ -24,7 +24,7 @@ import ctypes
 import sys
 import warnings
 
-from .capture import BodySkipper, SkipBlock, capture_block, read_scope, scope_cells
+from .capture import BodySkipper, SkipBlock, capture_block, read_scope
 from .errors import NNsightError, user_traceback
 from .interleaver import Interleaver, ResultRequest, StepRequest, current_mediator
 
@@ -139,6 +139,7 @@ class Tracer:
         self._run_kwargs = run_kwargs or {}
         self._invokers: list[Invoker] = []
         self._saved: dict[int, object] = {}
+        self._published: dict[str, object] = {}
         self._frame = None
         self.interleaver = None
         self._result = None
@@ -160,7 +161,7 @@ class Tracer:
             return False
         _running.append(self)
         try:
-            scope = self._block.run(frame, self, self._save)
+            scope = self._block.run(frame, self, self._save, _assign)
             self._execute(scope)
         except BaseException as error:
             if isinstance(error.__context__, SkipBlock):
@@ -168,7 +169,9 @@ class Tracer:
             raise error.with_traceback(user_traceback(error.__traceback__))
         finally:
             _running.pop()
-        _bind(frame, {name: value for name, value in read_scope(scope).items() if id(value) in self._saved})
+        values = read_scope(scope)
+        values.update(self._published)
+        _bind(frame, {name: value for name, value in values.items() if id(value) in self._saved})
         return True
 
     # -- used by the compiled block -----------------------------------------
@@ -177,6 +180,10 @@ class Tracer:
         invoker = Invoker(self, self._args, self._kwargs)
         invoker.body = body
         self._invokers.append(invoker)
+
+    def publish(self, names):
+        """An explicit invoke's own names, as it ends (see capture._InvokeRewriter)."""
+        self._published.update(names)
 
     def _save(self, value, *args, **kwargs):
         if args or kwargs or hasattr(type(value), "save"):
@@ -248,9 +255,6 @@ class Tracer:
         args, kwargs = model._batch(prepared, with_input)
         interleaver = Interleaver(offset, model._module_order)
         interleaver.tracer = self
-        if self._block.shared_names:
-            cells = scope_cells(scope)
-            interleaver.shared_cells = {n: cells[n] for n in self._block.shared_names if n in cells}
         single = len(with_input) == 1
         for inv in invokers:
             interleaver.add(inv.body, None if (single or not inv.has_input) else inv.rows)
@@ -287,6 +291,15 @@ class Barrier:
 
 def _nothing():
     pass
+
+
+def _assign(target, name, make_value):
+    """``target.<name> = make_value()``, reaching the model position first for envoy values."""
+    setter = getattr(target, "_assign_lazily", None)
+    if setter is not None:
+        setter(name, make_value)
+    else:
+        setattr(target, name, make_value())
 
 
 def _bind(frame, values):
