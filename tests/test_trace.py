@@ -221,3 +221,14 @@ def test_trace_restores_tracing_function(seq):
     finally:
         sys.settrace(None)
     assert out.shape == (1, 2)
+
+
+def test_container_of_saved_values_is_bound(seq):
+    model = NNsight(seq)
+    with model.trace(torch.rand(1, 5)):
+        outs = [model[i].output.save() for i in range(3)]
+        by_name = {"first": outs[0]}
+        unsaved = [model[2].output * 2]
+    assert len(outs) == 3 and by_name["first"].shape == (1, 10)
+    with pytest.raises(UnboundLocalError):
+        unsaved  # noqa: B018

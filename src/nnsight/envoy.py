@@ -41,6 +41,7 @@ class Envoy:
         object.__setattr__(self, "_display", _display(path))
         object.__setattr__(self, "_root", root if root is not None else self)
         object.__setattr__(self, "_children", {})
+        object.__setattr__(self, "_hook", None)  # the tracing engine's ModuleHook, reused across traces
 
     # -- tree --------------------------------------------------------------
 

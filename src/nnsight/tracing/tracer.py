@@ -171,7 +171,7 @@ class Tracer:
             _running.pop()
         values = read_scope(scope)
         values.update(self._published)
-        _bind(frame, {name: value for name, value in values.items() if id(value) in self._saved})
+        _bind(frame, {name: value for name, value in values.items() if self._is_saved(value)})
         return True
 
     # -- used by the compiled block -----------------------------------------
@@ -184,6 +184,17 @@ class Tracer:
     def publish(self, names):
         """An explicit invoke's own names, as it ends (see capture._InvokeRewriter)."""
         self._published.update(names)
+
+    def _is_saved(self, value):
+        """Saved, or a list/tuple/dict of saved values (``outs = [m.output.save() for m in layers]``)."""
+        saved = self._saved
+        if id(value) in saved:
+            return True
+        if type(value) in (list, tuple):
+            return bool(value) and any(id(v) in saved for v in value)
+        if type(value) is dict:
+            return bool(value) and any(id(v) in saved for v in value.values())
+        return False
 
     def _save(self, value, *args, **kwargs):
         if args or kwargs or hasattr(type(value), "save"):

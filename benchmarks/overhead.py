@@ -1,0 +1,329 @@
+"""Tracing overhead against plain PyTorch, measured in one run.
+
+    python benchmarks/overhead.py                         # this checkout
+    python benchmarks/overhead.py --reference /tmp/ref081/bin/python   # plus nnsight 0.8.1, side by side
+    python benchmarks/overhead.py --quick                 # fewer repetitions
+
+Every case uses only the public API, so the very same file runs under another
+interpreter that has the public ``nnsight`` installed (``--reference``); both
+columns come from the same run on the same machine. Plain and traced code are
+timed in alternating blocks and medians are reported, with torch on one thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+TOKENIZER = HERE.parent / "tests" / "fixtures" / "gpt2-tokenizer"
+
+
+def _blocks(plain, traced, calls, rounds):
+    """Median µs per call of ``plain`` and ``traced``, timed in alternating blocks."""
+    for _ in range(max(3, calls // 10)):
+        plain()
+        traced()
+    plain_t, traced_t = [], []
+    for _ in range(rounds):
+        for fn, out in ((plain, plain_t), (traced, traced_t)):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            out.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(plain_t), statistics.median(traced_t)
+
+
+def small_cases(quick):
+    import torch
+    from nnsight import NNsight
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    model = NNsight(net)
+    x = torch.randn(1, 64)
+    calls, rounds = (200, 7) if quick else (500, 15)
+
+    def plain():
+        net(x)
+
+    def empty():
+        with model.trace(x):
+            pass
+
+    def one_save():
+        with model.trace(x):
+            hidden = model[0].output.save()
+        return hidden
+
+    p, e = _blocks(plain, empty, calls, rounds)
+    p2, s = _blocks(plain, one_save, calls, rounds)
+    return {"plain_2layer_us": p, "empty_trace_us": e - p, "one_save_trace_us": s - p2}
+
+
+COLD_TEMPLATE = '''
+def site_{i}(model, x):
+    with model.trace(x):
+        hidden = model[0].output.save()
+    return hidden
+'''
+
+
+def cold_case(quick):
+    import torch
+    from nnsight import NNsight
+
+    n = 20 if quick else 60
+    model = NNsight(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)))
+    x = torch.randn(1, 64)
+    folder = tempfile.mkdtemp()
+    path = pathlib.Path(folder) / "cold_sites.py"
+    path.write_text("".join(COLD_TEMPLATE.format(i=i) for i in range(n)))
+    spec = importlib.util.spec_from_file_location("cold_sites", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.site_0(model, x)  # warm the library itself
+    cold, warm = [], []
+    for i in range(1, n):
+        fn = getattr(module, f"site_{i}")
+        start = time.perf_counter()
+        fn(model, x)
+        cold.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        fn(model, x)
+        warm.append(time.perf_counter() - start)
+    return {"cold_call_site_us": (statistics.median(cold) - statistics.median(warm)) * 1e6}
+
+
+def deep_cases(quick):
+    import torch
+    from nnsight import NNsight
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(100)])
+    model = NNsight(net)
+    x = torch.randn(1, 64)
+    calls, rounds = (20, 7) if quick else (50, 11)
+    layers = list(model)
+
+    def plain():
+        net(x)
+
+    def empty():
+        with model.trace(x):
+            pass
+
+    def save_all():
+        with model.trace(x):
+            saved = [layer.output.save() for layer in layers]
+        return saved
+
+    def read_write_all():
+        with model.trace(x):
+            for layer in layers:
+                layer.output = layer.output * 1
+
+    y = torch.randn(1, 64)
+
+    def multiplies():
+        for _ in range(100):
+            y * 1
+
+    _, e = _blocks(plain, empty, calls, rounds)
+    _, s = _blocks(plain, save_all, calls, rounds)
+    _, rw = _blocks(plain, read_write_all, calls, rounds)
+    _, mul = _blocks(plain, multiplies, calls, rounds)
+    return {"per_save_us": (s - e) / 100, "per_read_write_us": (rw - e - mul) / 100}
+
+
+def gpt2_case(quick):
+    import torch
+    import transformers
+    from nnsight import NNsight
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    model = NNsight(hf)
+    ids = torch.randint(0, 50257, (1, 32))
+    rounds = 7 if quick else 21
+
+    def plain():
+        with torch.no_grad():
+            hf(ids)
+
+    def traced():
+        with torch.no_grad():
+            with model.trace(ids):
+                saved = [model.transformer.h[i].output[0].save() for i in range(12)]
+        return saved
+
+    ratios = []
+    for _ in range(3):
+        plain()
+        traced()
+    for _ in range(rounds):
+        p, t = _blocks(plain, traced, 2, 1)
+        ratios.append(t / p)
+    return {"gpt2_small_12_saves_ratio": statistics.median(ratios)}
+
+
+def _lm(n_layer, n_embd, n_head):
+    import torch
+    import transformers
+    from nnsight import LanguageModel
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(TOKENIZER))
+    return hf, LanguageModel(hf, tokenizer=tok)
+
+
+def generate_cases(quick):
+    import torch
+
+    results = {}
+    prompt = torch.randint(0, 50257, (1, 8))
+    mask = torch.ones_like(prompt)
+    for name, dims, rounds in (("gen_tiny", (2, 64, 4), 9 if quick else 21), ("gen_gpt2_small", (12, 768, 12), 3 if quick else 7)):
+        hf, model = _lm(*dims)
+        kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=50256)
+
+        def plain():
+            with torch.no_grad():
+                hf.generate(prompt, attention_mask=mask, **kwargs)
+
+        def traced():
+            with torch.no_grad():
+                with model.generate(prompt, **kwargs) as tracer:
+                    hidden = list().save()
+                    for step in tracer.iter[:]:
+                        hidden.append(model.transformer.h[-1].output[0])
+            return hidden
+
+        ratios, overheads = [], []
+        for _ in range(2):
+            plain()
+            traced()
+        for _ in range(rounds):
+            p, t = _blocks(plain, traced, 1, 1)
+            ratios.append(t / p)
+            overheads.append((t - p) / 20)
+        results[f"{name}_ratio"] = statistics.median(ratios)
+        results[f"{name}_us_per_step"] = statistics.median(overheads)
+    return results
+
+
+def memory_case(quick):
+    import torch
+    from nnsight import NNsight
+
+    model = NNsight(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)))
+    x = torch.randn(1, 64)
+
+    def run():
+        with model.trace(x):
+            hidden = model[0].output.save()
+        return hidden
+
+    for _ in range(100):
+        run()
+    rss0, threads0 = _rss_mb(), threading.active_count()
+    for _ in range(1000):
+        run()
+    return {"rss_growth_mb_1000_traces": _rss_mb() - rss0, "thread_growth_1000_traces": threading.active_count() - threads0}
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+CASES = [small_cases, cold_case, deep_cases, memory_case, gpt2_case, generate_cases]
+
+
+def worker(quick, skip_generate):
+    import torch
+
+    torch.set_num_threads(1)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    results = {}
+    for case in CASES:
+        if skip_generate and case is generate_cases:
+            continue
+        results.update(case(quick))
+    return results
+
+
+ROWS = [
+    ("plain_2layer_us", "plain 2-layer forward (µs)", None),
+    ("empty_trace_us", "empty trace, over plain (µs)", 30),
+    ("one_save_trace_us", "one-save trace, over plain (µs)", 40),
+    ("cold_call_site_us", "first trace at a new call site, extra (µs)", None),
+    ("per_save_us", "per .output.save(), 100-layer (µs)", 8),
+    ("per_read_write_us", "per read-and-write, 100-layer (µs)", 12),
+    ("gpt2_small_12_saves_ratio", "GPT-2-small, 12 saves (traced/plain)", 1.01),
+    ("rss_growth_mb_1000_traces", "RSS growth over 1,000 traces (MB)", None),
+    ("thread_growth_1000_traces", "thread growth over 1,000 traces", 0),
+    ("gen_tiny_us_per_step", "generate 20 tokens, tiny model: overhead per step (µs)", None),
+    ("gen_tiny_ratio", "generate 20 tokens, tiny model (traced/plain)", None),
+    ("gen_gpt2_small_ratio", "generate 20 tokens, GPT-2-small (traced/plain)", 1.01),
+]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", help="python of a venv with the public nnsight installed")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-generate", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.quick, args.no_generate)))
+        return
+    flags = ["--worker"] + (["--quick"] if args.quick else []) + (["--no-generate"] if args.no_generate else [])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    ours = _run(sys.executable, flags, env)
+    theirs = _run(args.reference, flags, {**env, "PYTHONPATH": ""}, outside=True) if args.reference else None
+    width = max(len(label) for _, label, _ in ROWS)
+    header = f"{'case':<{width}}  {'ours':>9}" + (f"  {'reference':>10}  {'ref/ours':>8}" if theirs else "") + "  target"
+    print(header)
+    print("-" * len(header))
+    for key, label, target in ROWS:
+        if key not in ours:
+            continue
+        line = f"{label:<{width}}  {ours[key]:>9.3f}"
+        if theirs:
+            ref = theirs.get(key)
+            ratio = f"{ref / ours[key]:>8.2f}" if ref is not None and ours[key] > 0 else f"{'':>8}"
+            line += f"  {ref:>10.3f}  {ratio}" if ref is not None else f"  {'n/a':>10}  {'':>8}"
+        line += f"  {'≤ ' + str(target) if target is not None else ''}"
+        print(line)
+
+
+def _run(python, flags, env, outside=False):
+    # The reference runs from a neutral folder so it imports its own nnsight, not this checkout's.
+    cwd = tempfile.gettempdir() if outside else str(HERE.parent)
+    if not outside:
+        env = {**env, "PYTHONPATH": str(HERE.parent / "src")}
+    done = subprocess.run(
+        [python, str(pathlib.Path(__file__).resolve()), *flags], env=env, cwd=cwd, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"benchmark worker failed under {python}:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+if __name__ == "__main__":
+    main()
