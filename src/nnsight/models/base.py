@@ -22,6 +22,9 @@ import torch
 from ..envoy import Envoy
 from ..tracing.batching import concatenate
 from ..tracing.errors import NNsightError
+from ..tracing.editing import EditTracer
+from ..tracing.scan import ScanTracer
+from ..tracing.session import Session
 from ..tracing.tracer import Tracer
 
 
@@ -35,12 +38,44 @@ class NNsight(Envoy):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
         super().__init__(module, "model")
         object.__setattr__(self, "_order", None)
+        object.__setattr__(self, "_edits", [])
 
     def trace(self, *inputs, remote: bool = False, **kwargs) -> Tracer:
         """A context that runs the model once on ``inputs`` with the block's code alongside."""
         if remote:
             raise NotImplementedError("remote execution is not available in this version of nnsight")
         return Tracer(self, inputs, kwargs)
+
+    def scan(self, *inputs, **kwargs) -> ScanTracer:
+        """Run the block on fake/meta tensors: shapes and dtypes without computation."""
+        return ScanTracer(self, inputs, kwargs)
+
+    def edit(self, inplace: bool = False) -> EditTracer:
+        """``with model.edit() as edited:``: interventions every later trace of ``edited`` applies."""
+        return EditTracer(self, inplace)
+
+    def clear_edits(self):
+        """Remove every persistent edit of this model."""
+        object.__setattr__(self, "_edits", [])
+
+    def session(self, remote: bool = False) -> Session:
+        """Group several traces; values flow from one to the next and are bound after the session."""
+        if remote:
+            raise NotImplementedError("remote execution is not available in this version of nnsight")
+        return Session(self)
+
+    def _copy_for_edit(self):
+        import copy
+
+        edited = copy.copy(self)
+        object.__setattr__(edited, "_hook", None)
+        return edited
+
+    def __setattr__(self, name, value):
+        if name == "_edits":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # -- hooks for model families -------------------------------------------
 
@@ -64,6 +99,10 @@ class NNsight(Envoy):
 
     def _run(self, args, kwargs):
         return self._module(*args, **kwargs)
+
+    def _scan_inputs(self, args, kwargs):
+        """Inputs for a shapes-only run (``model.scan``): a chance to drop data-dependent ones."""
+        return args, kwargs
 
     def _module_order(self):
         if self._order is None:

@@ -118,6 +118,13 @@ class LanguageModel(NNsight):
         input_kwargs, run_kwargs = _split(kwargs)
         return Tracer(self, inputs, input_kwargs, run_kwargs)
 
+    def scan(self, *inputs, **kwargs):
+        """Shapes without computation; does not load the weights."""
+        from ..tracing.scan import ScanTracer
+
+        input_kwargs, run_kwargs = _split(kwargs)
+        return ScanTracer(self, inputs, input_kwargs, run_kwargs)
+
     def generate(self, *inputs, remote: bool = False, **kwargs) -> GenerateTracer:
         """A context that runs ``model.generate(...)`` with the block over every step."""
         if remote:
@@ -209,10 +216,18 @@ class LanguageModel(NNsight):
         if self._takes_position_ids is None:
             takes = "position_ids" in inspect.signature(self._module.forward).parameters
             object.__setattr__(self, "_takes_position_ids", takes)
-        if self._takes_position_ids and "position_ids" not in kwargs:
+        if self._takes_position_ids and "position_ids" not in kwargs and "attention_mask" in kwargs:
             mask = kwargs["attention_mask"]
             kwargs = {**kwargs, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
         return self._module(*args, **kwargs)
+
+    def _scan_inputs(self, args, kwargs):
+        # Fake and meta tensors have no values, and transformers looks at the mask's
+        # values to pick its attention path; an all-ones mask says nothing, so drop it.
+        mask = kwargs.get("attention_mask")
+        if mask is not None and bool(mask.all()):
+            kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        return args, kwargs
 
     def _generate(self, args, kwargs, run_kwargs):
         run_kwargs = dict(run_kwargs)

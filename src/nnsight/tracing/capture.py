@@ -30,6 +30,7 @@ and ``x.save()`` becomes ``__nnsight_save__(x)``, so nothing global is patched.
 from __future__ import annotations
 
 import ast
+import copy
 import linecache
 import sys
 from dataclasses import dataclass, field
@@ -246,6 +247,44 @@ def _rewrite(stmts, rewriter=None):
     return out
 
 
+def _is_backward(node) -> bool:
+    return isinstance(node, ast.With) and len(node.items) == 1 and _call_attr(node.items[0].context_expr) == "backward"
+
+
+class _GradRewriter(ast.NodeTransformer):
+    """Inside ``with loss.backward():``, ``t.grad`` waits for the gradient and ``t.grad = g`` replaces it."""
+
+    def visit_Attribute(self, node):
+        self.generic_visit(node)
+        if node.attr == "grad" and isinstance(node.ctx, ast.Load):
+            return ast.copy_location(
+                ast.Call(func=ast.Attribute(ast.Name(RT, ast.Load()), "grad", ast.Load()), args=[node.value], keywords=[]),
+                node,
+            )
+        return node
+
+    def visit_Assign(self, node):
+        target = node.targets[0] if len(node.targets) == 1 else None
+        if isinstance(target, ast.Attribute) and target.attr == "grad":
+            self.generic_visit(node.value)
+            value = self.visit(node.value)
+            call = ast.Call(
+                func=ast.Attribute(ast.Name(RT, ast.Load()), "set_grad", ast.Load()),
+                args=[self.visit(target.value), _lambda(value)],
+                keywords=[],
+            )
+            return ast.copy_location(ast.Expr(call), node)
+        self.generic_visit(node)
+        return node
+
+
+def _lambda(body):
+    return ast.Lambda(
+        args=ast.arguments(posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
+        body=body,
+    )
+
+
 def _reads_value(expr) -> bool:
     """Whether ``expr`` (an assignment target's base) goes through ``.output``/``.input``/``.inputs``."""
     while isinstance(expr, (ast.Subscript, ast.Attribute, ast.Call)):
@@ -264,6 +303,38 @@ class _SaveRewriter(ast.NodeTransformer):
     is reached *before* ``value`` is evaluated, so a value another invoke produces
     at that same position is ready (the README's cross-invoke example).
     """
+
+    _backward_count = 0
+
+    def _backward(self, node):
+        """``with loss.backward(**kw): body`` -> a body function run alongside ``loss.backward(**kw)``."""
+        call = node.items[0].context_expr
+        body = _GradRewriter().visit(ast.Module(body=node.body, type_ignores=[])).body
+        body = [self.visit(stmt) for stmt in body]
+        body = [s for stmt in body for s in (stmt if isinstance(stmt, list) else [stmt])]
+        assigned = _names(node.body)
+        names = sorted(assigned.assigned - assigned.globals)
+        _SaveRewriter._backward_count += 1
+        fn_name = f"__nnsight_backward_{_SaveRewriter._backward_count}__"
+        out = []
+        if names:  # bind them in the enclosing function, so the body's writes land there
+            out.append(
+                ast.If(
+                    test=ast.Constant(False),
+                    body=[ast.Assign(targets=[ast.Name(n, ast.Store()) for n in names], value=ast.Constant(None))],
+                    orelse=[],
+                )
+            )
+        out.append(_function(fn_name, body, node, set(names)))
+        run = ast.Call(
+            func=ast.Attribute(ast.Name(RT, ast.Load()), "backward", ast.Load()),
+            args=[call.func.value, ast.Name(fn_name, ast.Load()), *call.args],
+            keywords=call.keywords,
+        )
+        out.append(ast.Expr(run))
+        if node.items[0].optional_vars is not None:
+            raise SyntaxError("`with tensor.backward() as name:` binds nothing; drop the `as` part")
+        return [ast.copy_location(stmt, node) for stmt in out]
 
     def visit_Assign(self, node):
         self.generic_visit(node)
@@ -305,6 +376,8 @@ class _SaveRewriter(ast.NodeTransformer):
         return node
 
     def visit_With(self, node):
+        if _is_backward(node):
+            return self._backward(node)
         self.generic_visit(node)
         if _is_iter(node):
             item = node.items[0]
@@ -438,6 +511,8 @@ class _InvokeRewriter(ast.NodeTransformer):
 
 
 def _build(with_node: ast.With, caller_locals: set[str], filename: str) -> tuple[object, tuple[str, ...], bool]:
+    # The rewriters work in place; the parsed file is shared by every block in it.
+    with_node = copy.deepcopy(with_node)
     body = with_node.body
     whole = _names(body)
     all_assigned = whole.assigned - whole.globals

@@ -172,8 +172,27 @@ class Delivery:
             new = (tuple(value[0]), value[1])
         else:
             new = value
+        if il.scanning:
+            _check_shapes(f"{self.hook.path}.{kind}", self.read(kind) if kind != "inputs" else self.view, value)
         self.full = merge(self.full, self.view, new, mediator.rows, il.batch_size)
         self.view = narrow(self.full, mediator.rows, il.batch_size)
+
+
+def _check_shapes(where, old, new):
+    if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+        try:
+            torch.broadcast_shapes(tuple(new.shape), tuple(old.shape))
+            fits = torch.broadcast_shapes(tuple(new.shape), tuple(old.shape)) == tuple(old.shape)
+        except RuntimeError:
+            fits = False
+        if not fits:
+            raise ValueError(
+                f"{where}: cannot assign a tensor of shape {tuple(new.shape)} where the model produces "
+                f"shape {tuple(old.shape)}"
+            )
+    elif isinstance(old, (tuple, list)) and isinstance(new, (tuple, list)) and len(old) == len(new):
+        for i, (o, n) in enumerate(zip(old, new)):
+            _check_shapes(f"{where}[{i}]", o, n)
 
 
 class ModuleHook:
@@ -185,16 +204,18 @@ class ModuleHook:
 
     __slots__ = (
         "module", "path", "interleaver", "original", "previous", "step", "count", "waiting",
-        "counts_steps", "call_inputs", "__wrapped__",
+        "counts_steps", "call_inputs", "observers", "dotted", "__wrapped__",
     )
 
     installed = 0  # hooks in place right now, in every model (tests assert it drops back to 0)
 
-    def __init__(self, module, path):
+    def __init__(self, module, path, dotted):
         self.module = module
         self.path = path
+        self.dotted = dotted  # "model.transformer.h.0", the cache's key
         self.interleaver = None
         self.call_inputs = None
+        self.observers = None  # callables(hook, path, args, kwargs, output) after each call (tracer.cache)
 
     def install(self, interleaver, counts_steps=False):
         self.interleaver = interleaver
@@ -220,6 +241,7 @@ class ModuleHook:
                 module_dict["forward"] = self.previous
         ModuleHook.installed -= 1
         self.interleaver = self.call_inputs = self.original = self.previous = self.__wrapped__ = None
+        self.observers = None
 
     def __call__(self, *args, **kwargs):
         il = self.interleaver
@@ -242,6 +264,10 @@ class ModuleHook:
             output = self.original(*args, **kwargs)
         if self.waiting:
             output, _ = il.serve(self, "output", index, output)
+        if self.observers:
+            args, kwargs = self.call_inputs
+            for observe in self.observers:
+                observe(self, self.dotted, args, kwargs, output)
         return output
 
 
@@ -302,6 +328,20 @@ class Mediator:
         if not (delivery is not None and delivery.hook is hook and delivery.point == point):
             delivery = self._wait(hook, point, kind)
         delivery.write(kind, make_value() if make_value is not None else value, self)
+
+    def get_grad(self, tensor):
+        hook = self.interleaver.grad_hook(tensor)
+        delivery = self.current
+        if delivery is not None and delivery.hook is hook:
+            return delivery.view
+        return self._wait(hook, "grad", "grad").view
+
+    def set_grad(self, tensor, make_value):
+        hook = self.interleaver.grad_hook(tensor)
+        delivery = self.current
+        if not (delivery is not None and delivery.hook is hook):
+            delivery = self._wait(hook, "grad", "grad")
+        delivery.write("grad", make_value(), self)
 
     def skip(self, envoy, value):
         hook = self.interleaver.hook_for(envoy)
@@ -420,6 +460,7 @@ class Interleaver:
         self.result = None
         self.released = []
         self.tracer = None
+        self.scanning = False  # shapes only (model.scan): writes are checked against the model's shapes
         self.deferred = []  # later invokes whose code ran ahead of earlier ones, see _defer
         self._retrying = False
         self.main = None
@@ -432,6 +473,9 @@ class Interleaver:
         mediator = Mediator(self, body, rows, label)
         self.mediators.append(mediator)
         return mediator
+
+    def grad_hook(self, tensor):
+        raise NNsightError("`.grad` is only available inside a `with tensor.backward():` block of a trace")
 
     def hook_for(self, envoy, counts_steps=False) -> ModuleHook:
         module = envoy._module
@@ -450,7 +494,7 @@ class Interleaver:
                 self.hook_for(envoy._parent)
             hook = envoy._hook
             if hook is None or hook.interleaver is not None:  # none yet, or in use by an enclosing trace
-                hook = ModuleHook(module, envoy._display)
+                hook = ModuleHook(module, envoy._display, envoy._path)
                 if envoy._hook is None:
                     object.__setattr__(envoy, "_hook", hook)
             hook.install(self, counts_steps)

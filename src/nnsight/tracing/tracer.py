@@ -21,6 +21,7 @@ Tracer methods usable inside the block:
 from __future__ import annotations
 
 import ctypes
+import os
 import sys
 import warnings
 
@@ -29,6 +30,7 @@ from .errors import NNsightError, user_traceback
 from .interleaver import Interleaver, ResultRequest, StepRequest, current_mediator
 
 _CO_OPTIMIZED = 0x1
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 _running: list["Tracer"] = []  # tracers whose eager block code is executing (innermost last)
 
@@ -129,28 +131,29 @@ class _IterIndexer:
         return StepLoop(selection)
 
 
-class Tracer:
-    """Runs one ``with`` block together with one run of the model (see module docstring)."""
+class BlockContext:
+    """A ``with`` block whose body nnsight runs itself: capture, skip, run, bind saved names.
 
-    def __init__(self, model, args, kwargs, run_kwargs=None):
-        self.model = model
-        self._args = args
-        self._kwargs = kwargs
-        self._run_kwargs = run_kwargs or {}
-        self._invokers: list[Invoker] = []
+    Subclasses say what running means (``_execute``) and what an implicit invoke is.
+    """
+
+    _enter_returns_self = True
+
+    def __init__(self):
         self._saved: dict[int, object] = {}
         self._published: dict[str, object] = {}
         self._frame = None
-        self.interleaver = None
-        self._result = None
-
-    # -- the with protocol -------------------------------------------------
 
     def __enter__(self):
         frame = sys._getframe(1)
+        while frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frame = frame.f_back  # a subclass's own __enter__ calling ours
         self._block = capture_block(frame)
         self._frame = frame
         self._skipper = None if self._block.trivial else BodySkipper(frame)
+        return self._entered()
+
+    def _entered(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
@@ -171,21 +174,20 @@ class Tracer:
             _running.pop()
         values = read_scope(scope)
         values.update(self._published)
-        _bind(frame, {name: value for name, value in values.items() if self._is_saved(value)})
+        _bind(frame, {name: value for name, value in values.items() if self._keeps(value)})
         return True
 
-    # -- used by the compiled block -----------------------------------------
+    def _execute(self, scope):
+        raise NotImplementedError
 
     def implicit_invoke(self, body):
-        invoker = Invoker(self, self._args, self._kwargs)
-        invoker.body = body
-        self._invokers.append(invoker)
+        raise NotImplementedError
 
     def publish(self, names):
         """An explicit invoke's own names, as it ends (see capture._InvokeRewriter)."""
         self._published.update(names)
 
-    def _is_saved(self, value):
+    def _keeps(self, value):
         """Saved, or a list/tuple/dict of saved values (``outs = [m.output.save() for m in layers]``)."""
         saved = self._saved
         if id(value) in saved:
@@ -199,8 +201,27 @@ class Tracer:
     def _save(self, value, *args, **kwargs):
         if args or kwargs or hasattr(type(value), "save"):
             return value.save(*args, **kwargs)
-        self._saved[id(value)] = value
+        _mark_saved(value)
         return value
+
+
+class Tracer(BlockContext):
+    """Runs one ``with`` block together with one run of the model (see module docstring)."""
+
+    def __init__(self, model, args, kwargs, run_kwargs=None):
+        super().__init__()
+        self.model = model
+        self._args = args
+        self._kwargs = kwargs
+        self._run_kwargs = run_kwargs or {}
+        self._invokers: list[Invoker] = []
+        self.interleaver = None
+        self._result = None
+
+    def implicit_invoke(self, body):
+        invoker = Invoker(self, self._args, self._kwargs)
+        invoker.body = body
+        self._invokers.append(invoker)
 
     # -- the user's API ------------------------------------------------------
 
@@ -233,6 +254,43 @@ class Tracer:
         if mediator is None:
             raise NNsightError("tracer.next() must be called inside the trace's code")
         mediator.goto_step(mediator.step + steps)
+
+    def cache(self, modules=None, include_inputs=False, include_output=True, detach=True):
+        """Record module values during this trace: ``cache['model.transformer.h.0'].output``.
+
+        modules: envoys or dotted paths to record (default: every module)
+        include_inputs: also record ``(args, kwargs)`` of each call
+        include_output: record outputs (default True)
+        detach: store detached tensors (no autograd graph kept alive)
+        """
+        from .cache import Cache
+
+        mediator = current_mediator()
+        if mediator is None:
+            raise NNsightError("tracer.cache() must be called inside the trace's code")
+        cache = Cache(self.model, mediator, modules, include_inputs, include_output, detach)
+        _mark_saved(cache)
+        return cache
+
+    # -- gradients (compiled from `with loss.backward():` blocks) ------------
+
+    def backward(self, tensor, body, *args, **kwargs):
+        from .backward import run_backward
+
+        run_backward(tensor, body, args, kwargs)
+
+    def grad(self, tensor):
+        mediator = current_mediator()
+        if mediator is None:
+            return tensor.grad
+        return mediator.get_grad(tensor)
+
+    def set_grad(self, tensor, make_value):
+        mediator = current_mediator()
+        if mediator is None:
+            tensor.grad = make_value()
+        else:
+            mediator.set_grad(tensor, make_value)
 
     @property
     def result(self):
@@ -267,6 +325,8 @@ class Tracer:
         interleaver = Interleaver(offset, model._module_order)
         interleaver.tracer = self
         single = len(with_input) == 1
+        for edit in model._edits:  # persistent edits run first, over the whole batch
+            interleaver.add(edit, None)
         for inv in invokers:
             interleaver.add(inv.body, None if (single or not inv.has_input) else inv.rows)
         self.interleaver = interleaver
@@ -328,12 +388,15 @@ def _bind(frame, values):
         frame.f_locals.update(values)
 
 
+def _mark_saved(value):
+    # Every enclosing block binds it: a trace inside a session saves for the session too.
+    for context in _running:
+        context._saved[id(value)] = value
+
+
 def save(value):
     """``nnsight.save(value)``: the function form of ``value.save()``."""
-    mediator = current_mediator()
-    tracer = mediator.interleaver.tracer if mediator is not None else (_running[-1] if _running else None)
-    if tracer is not None:
-        tracer._saved[id(value)] = value
+    _mark_saved(value)
     return value
 
 
