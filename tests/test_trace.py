@@ -13,7 +13,7 @@ def hooked_outputs(module, x, names):
     """The oracle: outputs seen by plain register_forward_hook."""
     seen = {}
     handles = [
-        dict(module.named_modules())[n].register_forward_hook(lambda m, i, o, n=n: seen.setdefault(n, o.detach().clone()))
+        dict(module.named_modules())[n].register_forward_hook(lambda m, i, o, n=n: seen.update({n: o.detach().clone()}))
         for n in names
     ]
     try:

@@ -207,7 +207,8 @@ class LanguageModel(NNsight):
 
     def _device(self):
         for param in self._module.parameters():
-            return param.device
+            # Inputs of a model not loaded yet stay real (scan moves them to meta itself).
+            return torch.device("cpu") if param.is_meta else param.device
         return torch.device("cpu")
 
     # -- running -----------------------------------------------------------------

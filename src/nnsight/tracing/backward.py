@@ -31,6 +31,8 @@ class GradHook:
         self.interleaver = interleaver
         self.path = label
         self.waiting = 0
+        self.step = None  # read by error messages, like a ModuleHook's
+        self.count = 0
         self.handle = tensor.register_hook(self)
 
     def __call__(self, grad):

@@ -256,7 +256,7 @@ class _GradRewriter(ast.NodeTransformer):
 
     def visit_Attribute(self, node):
         self.generic_visit(node)
-        if node.attr == "grad" and isinstance(node.ctx, ast.Load):
+        if node.attr == "grad" and isinstance(node.ctx, ast.Load) and not (isinstance(node.value, ast.Name) and node.value.id == RT):
             return ast.copy_location(
                 ast.Call(func=ast.Attribute(ast.Name(RT, ast.Load()), "grad", ast.Load()), args=[node.value], keywords=[]),
                 node,
@@ -266,7 +266,6 @@ class _GradRewriter(ast.NodeTransformer):
     def visit_Assign(self, node):
         target = node.targets[0] if len(node.targets) == 1 else None
         if isinstance(target, ast.Attribute) and target.attr == "grad":
-            self.generic_visit(node.value)
             value = self.visit(node.value)
             call = ast.Call(
                 func=ast.Attribute(ast.Name(RT, ast.Load()), "set_grad", ast.Load()),

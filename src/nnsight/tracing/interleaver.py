@@ -684,6 +684,13 @@ class Interleaver:
             )
         wanted = request.describe()
         last = mediator.last
+        if request.point == "grad":
+            after = f" after the gradient of the {last.hook.path}" if last is not None else ""
+            return OutOfOrderError(
+                f"the gradient of the {request.hook.path} was requested{after}, but it was not computed after "
+                "that point: either it had already been computed (inside `with loss.backward():` read gradients "
+                "in backward order, later layers first) or the loss does not depend on it"
+            )
         if last is not None and last.step == request.step and _runs_before(self.module_order, request.hook, last.hook):
             return OutOfOrderError(
                 f"{wanted} was requested after {last.describe()}, but {request.hook.path} had already run "
