@@ -31,6 +31,7 @@ class GradHook:
         self.interleaver = interleaver
         self.path = label
         self.waiting = 0
+        self.waiting_input = 0
         self.step = None  # read by error messages, like a ModuleHook's
         self.count = 0
         self.handle = tensor.register_hook(self)

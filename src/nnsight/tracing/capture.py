@@ -117,14 +117,23 @@ def _parse_source(filename: str, module_globals) -> ast.Module:
     return tree
 
 
+_with_index: dict[int, dict[int, ast.With]] = {}
+
+
 def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
-    best = None
-    for node in ast.walk(tree):
-        if isinstance(node, ast.With):
-            first_body_line = node.body[0].lineno
-            header_end = max(node.lineno, first_body_line - 1)
-            if node.lineno <= lineno <= header_end and (best is None or node.lineno >= best.lineno):
-                best = node
+    # Each header line maps to the innermost `with` that spans it; built once per parsed file.
+    index = _with_index.get(id(tree))
+    if index is None:
+        index = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.With):
+                header_end = max(node.lineno, node.body[0].lineno - 1)
+                for line in range(node.lineno, header_end + 1):
+                    known = index.get(line)
+                    if known is None or node.lineno >= known.lineno:
+                        index[line] = node
+        _with_index[id(tree)] = index
+    best = index.get(lineno)
     if best is None:
         raise SourceUnavailableError(
             f"nnsight could not find the `with` statement at {filename}:{lineno}. "

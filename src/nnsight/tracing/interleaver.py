@@ -203,7 +203,7 @@ class ModuleHook:
     """
 
     __slots__ = (
-        "module", "path", "interleaver", "original", "previous", "step", "count", "waiting",
+        "module", "path", "interleaver", "original", "previous", "step", "count", "waiting", "waiting_input",
         "counts_steps", "call_inputs", "observers", "dotted", "__wrapped__",
     )
 
@@ -221,7 +221,8 @@ class ModuleHook:
         self.interleaver = interleaver
         self.step = None
         self.count = 0
-        self.waiting = 0
+        self.waiting = 0  # requests parked on this module (any point)
+        self.waiting_input = 0  # of which for its input point
         self.counts_steps = counts_steps  # the root of a generation loop: each call is a step
         module_dict = self.module.__dict__
         self.previous = module_dict.get("forward", _MISSING)
@@ -255,7 +256,7 @@ class ModuleHook:
             self.count = 0
         index = self.count
         self.count = index + 1
-        if self.waiting:
+        if self.waiting_input:
             (args, kwargs), skip = il.serve(self, "input", index, (args, kwargs))
             self.call_inputs = (args, kwargs)
             output = self.original(*args, **kwargs) if skip is _MISSING else skip
@@ -263,7 +264,7 @@ class ModuleHook:
             self.call_inputs = (args, kwargs)
             output = self.original(*args, **kwargs)
         if self.waiting:
-            output, _ = il.serve(self, "output", index, output)
+            output = il.serve(self, "output", index, output)[0]
         if self.observers:
             args, kwargs = self.call_inputs
             for observe in self.observers:
@@ -356,6 +357,8 @@ class Mediator:
         self.counts[key] = index + 1
         self.pending = Request(hook, point, kind, self.step, index)
         hook.waiting += 1
+        if point == "input":
+            hook.waiting_input += 1
         self.current = None
         return self.interleaver.main.switch()
 
@@ -518,6 +521,8 @@ class Interleaver:
                 and request.step == step
             ):
                 hook.waiting -= 1
+                if point == "input":
+                    hook.waiting_input -= 1
                 mediator.pending = None
                 mediator.served += 1
                 delivery = Delivery(hook, point, index, value, narrow(value, mediator.rows, self.batch_size))

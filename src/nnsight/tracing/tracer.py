@@ -373,6 +373,13 @@ def _assign(target, name, make_value):
         setattr(target, name, make_value())
 
 
+if sys.version_info < (3, 13):
+    # Writes a frame's f_locals dict back into its fast locals (what a debugger does).
+    _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
+    _locals_to_fast.argtypes = [ctypes.py_object, ctypes.c_int]
+    _locals_to_fast.restype = None
+
+
 def _bind(frame, values):
     """Bind ``values`` as variables of ``frame`` (the scope the ``with`` block was written in)."""
     if not values:
@@ -383,7 +390,7 @@ def _bind(frame, values):
                 frame.f_locals[name] = value
         else:
             frame.f_locals.update(values)
-            ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+            _locals_to_fast(frame, 0)
     else:
         frame.f_locals.update(values)
 
