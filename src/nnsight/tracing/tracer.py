@@ -375,9 +375,8 @@ def _assign(target, name, make_value):
 
 if sys.version_info < (3, 13):
     # Writes a frame's f_locals dict back into its fast locals (what a debugger does).
-    _locals_to_fast = ctypes.pythonapi.PyFrame_LocalsToFast
-    _locals_to_fast.argtypes = [ctypes.py_object, ctypes.c_int]
-    _locals_to_fast.restype = None
+    # Our own prototype, so the shared ctypes.pythonapi entry is left as it is.
+    _locals_to_fast = ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)(("PyFrame_LocalsToFast", ctypes.pythonapi))
 
 
 def _bind(frame, values):
