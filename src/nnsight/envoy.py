@@ -70,6 +70,9 @@ class Envoy:
 
     def __setattr__(self, name, value):
         if name in ("output", "input", "inputs") or name in type(self).__dict__ or name.startswith("_"):
+            if name == "_hook":  # the engine's per-envoy hook cache
+                object.__setattr__(self, name, value)
+                return
             object.__setattr__(self, name, value)
         elif name in self._module._modules:
             raise AttributeError(f"cannot replace the child module {self._display}.{name} through its envoy")
@@ -143,6 +146,25 @@ class Envoy:
         return sorted(set(super().__dir__()) | set(self._module._modules) | set(dir(self._module)))
 
     # -- values of the running model ----------------------------------------
+
+    def _key(self):
+        return id(self._module)
+
+    def _new_hook(self):
+        from .tracing.interleaver import ModuleHook
+
+        return ModuleHook(self._module, self._display, self._path)
+
+    @property
+    def source(self):
+        """The module's forward with every call site named; ``.source.<name>.output`` inside a trace."""
+        accessor = self.__dict__.get("_source")
+        if accessor is None:
+            from .tracing.source import SourceAccessor
+
+            accessor = SourceAccessor(self)
+            object.__setattr__(self, "_source", accessor)
+        return accessor
 
     def _mediator(self, what: str):
         mediator = current_mediator()

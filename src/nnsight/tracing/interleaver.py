@@ -204,7 +204,7 @@ class ModuleHook:
 
     __slots__ = (
         "module", "path", "interleaver", "original", "previous", "step", "count", "waiting", "waiting_input",
-        "counts_steps", "call_inputs", "observers", "dotted", "__wrapped__",
+        "counts_steps", "call_inputs", "observers", "dotted", "ops", "__wrapped__",
     )
 
     installed = 0  # hooks in place right now, in every model (tests assert it drops back to 0)
@@ -216,6 +216,7 @@ class ModuleHook:
         self.interleaver = None
         self.call_inputs = None
         self.observers = None  # callables(hook, path, args, kwargs, output) after each call (tracer.cache)
+        self.ops = None  # operation name -> OperationHook, when the trace uses this module's .source
 
     def install(self, interleaver, counts_steps=False):
         self.interleaver = interleaver
@@ -242,7 +243,7 @@ class ModuleHook:
                 module_dict["forward"] = self.previous
         ModuleHook.installed -= 1
         self.interleaver = self.call_inputs = self.original = self.previous = self.__wrapped__ = None
-        self.observers = None
+        self.observers = self.ops = None
 
     def __call__(self, *args, **kwargs):
         il = self.interleaver
@@ -481,12 +482,15 @@ class Interleaver:
         raise NNsightError("`.grad` is only available inside a `with tensor.backward():` block of a trace")
 
     def hook_for(self, envoy, counts_steps=False) -> ModuleHook:
-        module = envoy._module
-        hook = self.hooks.get(id(module))
+        hook = envoy._hook
+        if hook is not None and hook.interleaver is self:
+            return hook
+        key = envoy._key()
+        hook = self.hooks.get(key)
         if hook is None:
             if self.finished:
                 raise MissedValueError(
-                    f"{envoy._path} was requested after the model had finished running; "
+                    f"{envoy._display} was requested after the model had finished running; "
                     "values exist only while the model runs"
                 )
             # A module's forward that is already running cannot be hooked any more, and
@@ -497,11 +501,11 @@ class Interleaver:
                 self.hook_for(envoy._parent)
             hook = envoy._hook
             if hook is None or hook.interleaver is not None:  # none yet, or in use by an enclosing trace
-                hook = ModuleHook(module, envoy._display, envoy._path)
+                hook = envoy._new_hook()
                 if envoy._hook is None:
-                    object.__setattr__(envoy, "_hook", hook)
+                    envoy._hook = hook
             hook.install(self, counts_steps)
-            self.hooks[id(module)] = hook
+            self.hooks[key] = hook
         return hook
 
     # -- serving -----------------------------------------------------------

@@ -1,0 +1,285 @@
+"""Operation-level access: ``envoy.source`` names every call inside a module's forward.
+
+    print(model.transformer.h[0].attn.source)          # the forward, each call site named
+    with model.trace("Hello"):
+        out = model.transformer.h[0].attn.source.attention_interface_0.output.save()
+        model.transformer.h[0].attn.source.self_c_proj_0.output[:] = 0
+
+Each call site ``f(...)`` in the forward is named after what it calls
+(``self.c_proj(...)`` -> ``self_c_proj``, ``attention_interface(...)`` ->
+``attention_interface``), numbered per name in source order. The forward is
+rewritten once per module class so each call goes through a small dispatcher;
+only modules whose ``.source`` a trace uses run the rewritten forward, and only
+during that trace, so every other operation runs at full speed. Operations
+support ``.output``, ``.input`` and ``.inputs`` reads and writes like modules.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+import types
+
+from .errors import NNsightError
+from .interleaver import ModuleHook, current_mediator
+
+OP = "__nnsight_call__"
+
+
+def _call_name(func) -> str:
+    parts = []
+    node = func
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super":
+        parts.append("super")
+    else:
+        parts.append("call")
+    return "_".join(reversed(parts))
+
+
+class _Sites(ast.NodeVisitor):
+    """Every call in a function body (not in nested functions), in source order."""
+
+    def __init__(self):
+        self.calls = []
+
+    def visit_Call(self, node):
+        self.calls.append(node)
+        self.generic_visit(node)
+
+    def visit_FunctionDef(self, node):
+        pass
+
+    visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
+
+
+class _Rewriter(ast.NodeTransformer):
+    def __init__(self, names, self_name):
+        self.names = names  # id(call node) -> op name
+        self.self_name = self_name
+
+    def visit_Call(self, node):
+        name = self.names.get(id(node))
+        self.generic_visit(node)
+        if name is None:
+            return node
+        return ast.copy_location(
+            ast.Call(
+                func=ast.Name(OP, ast.Load()),
+                args=[ast.Name(self.self_name, ast.Load()), ast.Constant(name), node.func, *node.args],
+                keywords=node.keywords,
+            ),
+            node,
+        )
+
+
+class SourceInfo:
+    """The rewritten forward of one module class and the names of its operations."""
+
+    def __init__(self, cls):
+        function = inspect.unwrap(cls.forward)
+        try:
+            lines, first = inspect.getsourcelines(function)
+        except (OSError, TypeError) as error:
+            raise NNsightError(f"the forward of {cls.__name__} has no Python source to show ({error})") from None
+        self.filename = inspect.getsourcefile(function) or "<unknown>"
+        self.first_line = first
+        self.lines = lines
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+        ast.increment_lineno(tree, first - 1)
+        fn = tree.body[0]
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            raise NNsightError(f"the forward of {cls.__name__} is not a plain function")
+        fn.decorator_list = []
+        sites = _Sites()
+        for stmt in fn.body:
+            sites.visit(stmt)
+        counts: dict[str, int] = {}
+        names = {}
+        self.operations: dict[str, int] = {}  # op name -> line
+        for call in sorted(sites.calls, key=lambda c: (c.lineno, c.col_offset)):
+            base = _call_name(call.func)
+            index = counts.get(base, 0)
+            counts[base] = index + 1
+            name = f"{base}_{index}"
+            names[id(call)] = name
+            self.operations[name] = call.lineno
+        self_name = fn.args.args[0].arg if fn.args.args else "self"
+        _Rewriter(names, self_name).visit(fn)
+        freevars = function.__code__.co_freevars
+        factory = ast.FunctionDef(
+            name="__nnsight_factory__",
+            args=ast.arguments(
+                posonlyargs=[], args=[ast.arg(arg=a) for a in (OP, *freevars)], vararg=None, kwonlyargs=[],
+                kw_defaults=[], kwarg=None, defaults=[],
+            ),
+            body=[fn, ast.Return(ast.Name(fn.name, ast.Load()))],
+            decorator_list=[],
+            returns=None,
+        )
+        ast.copy_location(factory, fn)
+        module = ast.fix_missing_locations(ast.Module(body=[factory], type_ignores=[]))
+        namespace = {}
+        exec(compile(module, self.filename, "exec"), function.__globals__, namespace)
+        cells = [cell.cell_contents for cell in (function.__closure__ or ())]
+        self.forward = namespace["__nnsight_factory__"](_dispatch, *cells)
+
+    def listing(self, label):
+        by_line: dict[int, list[str]] = {}
+        for name, line in self.operations.items():
+            by_line.setdefault(line, []).append(name)
+        width = max((len(", ".join(v)) for v in by_line.values()), default=0)
+        out = [f"{label}: {self.filename}"]
+        for offset, text in enumerate(self.lines):
+            line = self.first_line + offset
+            names = ", ".join(by_line.get(line, []))
+            arrow = "->" if names else "  "
+            out.append(f"{names:>{width}} {arrow} {line:>5} {text.rstrip()}")
+        return "\n".join(out)
+
+
+_infos: dict[type, SourceInfo] = {}
+
+
+def source_info(cls) -> SourceInfo:
+    info = _infos.get(cls)
+    if info is None:
+        info = _infos[cls] = SourceInfo(cls)
+    return info
+
+
+def _dispatch(module, name, fn, *args, **kwargs):
+    """Every call site of a rewritten forward goes through here."""
+    hook = module.__dict__.get("forward")
+    ops = getattr(hook, "ops", None) if type(hook) is ModuleHook else None
+    op = ops.get(name) if ops else None
+    if op is None or op.interleaver is None:
+        return fn(*args, **kwargs)
+    return op.call(fn, args, kwargs)
+
+
+class OperationHook(ModuleHook):
+    """Serves one call site of a rewritten forward, like a ModuleHook serves a module."""
+
+    __slots__ = ("name", "module_hook")
+
+    def __init__(self, module, path, dotted, name):
+        super().__init__(module, path, dotted)
+        self.name = name
+        self.module_hook = None
+
+    def install(self, interleaver, counts_steps=False):
+        self.interleaver = interleaver
+        self.step = None
+        self.count = 0
+        self.waiting = 0
+        self.waiting_input = 0
+        self.counts_steps = False
+        module_hook = interleaver.hooks[id(self.module)]
+        if module_hook.ops is None:
+            module_hook.ops = {}
+            # The rewritten forward runs for every later call of this module in this trace.
+            module_hook.original = types.MethodType(source_info(type(self.module)).forward, self.module)
+        module_hook.ops[self.name] = self
+        self.module_hook = module_hook
+        ModuleHook.installed += 1
+
+    def remove(self):
+        if self.interleaver is None:
+            return
+        ModuleHook.installed -= 1
+        self.interleaver = self.call_inputs = self.original = self.module_hook = None
+        self.observers = None
+
+    def call(self, fn, args, kwargs):
+        self.original = fn
+        return self(*args, **kwargs)
+
+
+class OperationEnvoy:
+    """``module.source.<op>``: one operation inside a module's forward."""
+
+    def __init__(self, module_envoy, name):
+        self._parent = module_envoy
+        self._name = name
+        self._module = module_envoy._module
+        self._display = f"{module_envoy._display}.source.{name}"
+        self._path = f"{module_envoy._path}.source.{name}"
+        self._hook = None
+
+    def _new_hook(self):
+        return OperationHook(self._module, self._display, self._path, self._name)
+
+    def _key(self):
+        return (id(self._module), self._name)
+
+    def _mediator(self, what):
+        mediator = current_mediator()
+        if mediator is None:
+            raise NNsightError(f"{self._display}.{what} is only available inside a trace")
+        return mediator
+
+    @property
+    def output(self):
+        return self._mediator("output").get(self, "output")
+
+    @output.setter
+    def output(self, value):
+        self._mediator("output").set(self, "output", value)
+
+    @property
+    def input(self):
+        return self._mediator("input").get(self, "input")
+
+    @input.setter
+    def input(self, value):
+        self._mediator("input").set(self, "input", value)
+
+    @property
+    def inputs(self):
+        return self._mediator("inputs").get(self, "inputs")
+
+    @inputs.setter
+    def inputs(self, value):
+        self._mediator("inputs").set(self, "inputs", value)
+
+    def _assign_lazily(self, kind, make_value):
+        self._mediator(kind).set(self, kind, make_value=make_value)
+
+    def __repr__(self):
+        return f"<operation {self._display}>"
+
+
+class SourceAccessor:
+    """``envoy.source``: print it to see the operations; attribute access gives one."""
+
+    def __init__(self, envoy):
+        self._envoy = envoy
+        self._info = source_info(type(envoy._module))
+        self._ops = {}
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._info.operations:
+            raise AttributeError(
+                f"{self._envoy._display}.source has no operation {name!r}; operations: "
+                + ", ".join(self._info.operations)
+            )
+        op = self._ops.get(name)
+        if op is None:
+            op = self._ops[name] = OperationEnvoy(self._envoy, name)
+        return op
+
+    def __dir__(self):
+        return list(self._info.operations)
+
+    def __repr__(self):
+        return self._info.listing(f"{self._envoy._display}.source")
+
+    __str__ = __repr__

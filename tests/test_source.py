@@ -1,0 +1,76 @@
+"""Operation-level access through .source, against hooks on the same operations."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from nnsight import LanguageModel  # noqa: E402
+
+
+def _llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_listing_names_call_sites(gpt2, gpt2_tokenizer):
+    model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
+    text = str(model.transformer.h[0].attn.source)
+    assert "attention_interface_0 ->" in text and "self_c_proj_0 ->" in text
+    with pytest.raises(AttributeError, match="self_c_proj_0"):
+        model.transformer.h[0].attn.source.no_such_op_0
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_rewritten_forward_is_identical_without_interventions(family, gpt2, gpt2_tokenizer):
+    hf = gpt2 if family == "gpt2" else _llama()
+    model = LanguageModel(hf, tokenizer=gpt2_tokenizer)
+    envoys = model.transformer.h if family == "gpt2" else model.model.layers
+    text = "The Eiffel Tower is in the city of"
+    with model.trace(text):
+        for layer in envoys:
+            attn = layer.attn if family == "gpt2" else layer.self_attn
+            ops = list(attn.source._info.operations)
+            getattr(attn.source, ops[-1]).output  # makes the attention run its rewritten forward
+            mlp_ops = list(layer.mlp.source._info.operations)
+            getattr(layer.mlp.source, mlp_ops[-1]).output
+        logits = model.output.logits.save()
+    plain = hf(**gpt2_tokenizer(text, return_tensors="pt")).logits
+    assert torch.equal(logits, plain)
+    assert all("forward" not in m.__dict__ for m in hf.modules())
+
+
+def test_operation_values_equal_hooks_on_the_same_modules(gpt2, gpt2_tokenizer):
+    model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
+    seen = {}
+    handle = gpt2.transformer.h[0].attn.c_proj.register_forward_hook(lambda m, i, o: seen.update(out=o, inp=i[0]))
+    gpt2(**gpt2_tokenizer("Hello world", return_tensors="pt"))
+    handle.remove()
+    with model.trace("Hello world"):
+        op = model.transformer.h[0].attn.source.self_c_proj_0
+        op_in = op.input.save()
+        op_out = op.output.save()
+    assert torch.allclose(op_out, seen["out"]) and torch.allclose(op_in, seen["inp"])
+
+
+def test_operation_write_equals_hand_patched(gpt2, gpt2_tokenizer):
+    model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
+    enc = gpt2_tokenizer("Hello world", return_tensors="pt")
+    with model.trace("Hello world"):
+        model.transformer.h[0].attn.source.self_c_proj_0.output[:] = 0
+        logits = model.output.logits.save()
+    handle = gpt2.transformer.h[0].attn.c_proj.register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    expected = gpt2(**enc).logits
+    handle.remove()
+    assert torch.allclose(logits, expected, atol=1e-6)
+
+
+def test_attention_interface_output_as_in_the_readme(gpt2, gpt2_tokenizer):
+    model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
+    with model.trace("Hello"):
+        attn_out = model.transformer.h[0].attn.source.attention_interface_0.output.save()
+    assert isinstance(attn_out, tuple) and attn_out[0].shape[-1] == 8
