@@ -166,14 +166,24 @@ def gpt2_case(quick):
                 for i in range(12):
                     model.transformer.h[i].output[0].save()
 
-    ratios = []
+    def traced_source():
+        with torch.no_grad():
+            with model.trace(ids):
+                for i in range(12):
+                    model.transformer.h[i].attn.source.self_c_proj_0.output.save()
+                    model.transformer.h[i].output[0].save()
+
+    ratios, source_ratios = [], []
     for _ in range(3):
         plain()
         traced()
+        traced_source()
     for _ in range(rounds):
         p, t = _blocks(plain, traced, 2, 1)
         ratios.append(t / p)
-    return {"gpt2_small_12_saves_ratio": statistics.median(ratios)}
+        t2, s = _blocks(traced, traced_source, 2, 1)
+        source_ratios.append(s / t2)
+    return {"gpt2_small_12_saves_ratio": statistics.median(ratios), "gpt2_source_ratio": statistics.median(source_ratios)}
 
 
 def _lm(n_layer, n_embd, n_head):
@@ -274,6 +284,7 @@ ROWS = [
     ("per_save_us", "per .output.save(), 100-layer (µs)", 8),
     ("per_read_write_us", "per read-and-write, 100-layer (µs)", 12),
     ("gpt2_small_12_saves_ratio", "GPT-2-small, 12 saves (traced/plain)", 1.01),
+    ("gpt2_source_ratio", "GPT-2-small, + .source op in every layer (ratio)", 1.02),
     ("rss_growth_mb_1000_traces", "RSS growth over 1,000 traces (MB)", None),
     ("thread_growth_1000_traces", "thread growth over 1,000 traces", 0),
     ("gen_tiny_us_per_step", "generate 20 tokens, tiny model: overhead per step (µs)", None),

@@ -466,6 +466,7 @@ class Interleaver:
         self.tracer = None
         self.scanning = False  # shapes only (model.scan): writes are checked against the model's shapes
         self.deferred = []  # later invokes whose code ran ahead of earlier ones, see _defer
+        self.single = True
         self._retrying = False
         self.main = None
 
@@ -476,6 +477,7 @@ class Interleaver:
     def add(self, body, rows=None, label="invoke"):
         mediator = Mediator(self, body, rows, label)
         self.mediators.append(mediator)
+        self.single = len(self.mediators) == 1  # no cross-invoke ordering to manage
         return mediator
 
     def grad_hook(self, tensor):
@@ -529,9 +531,13 @@ class Interleaver:
                     hook.waiting_input -= 1
                 mediator.pending = None
                 mediator.served += 1
-                delivery = Delivery(hook, point, index, value, narrow(value, mediator.rows, self.batch_size))
+                rows = mediator.rows
+                delivery = Delivery(hook, point, index, value, value if rows is None else narrow(value, rows, self.batch_size))
                 mediator.current = delivery
-                self._resume(mediator, delivery)
+                if self.single:
+                    mediator.resume(delivery)
+                else:
+                    self._resume(mediator, delivery)
                 if mediator.current is delivery:
                     mediator.current = None
                 mediator.last = request
