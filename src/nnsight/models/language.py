@@ -85,6 +85,7 @@ class LanguageModel(NNsight):
             module = model
         super().__init__(module)
         module.eval()
+        _warn_block_outputs(transformers.__version__)
         object.__setattr__(self, "tokenizer", tokenizer)
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_automodel", automodel)
@@ -246,6 +247,23 @@ class GeneratorEnvoy:
         if mediator is None:
             raise NNsightError("model.generator.output is only available inside `with model.generate(...)`")
         return mediator.wait_for_result()
+
+
+_warned_versions = set()
+
+
+def _warn_block_outputs(version: str):
+    """Under transformers 5, decoder blocks return a tensor where 4.x returned a tuple."""
+    if int(version.split(".")[0]) >= 5 and version not in _warned_versions:
+        import warnings
+
+        _warned_versions.add(version)
+        warnings.warn(
+            f"transformers {version}: decoder blocks (e.g. GPT-2's transformer.h[i]) return the "
+            "hidden-states tensor itself, so `.output[0]` selects batch row 0 rather than the hidden "
+            "states (as it did under 4.x and in nnsight's README). Use `.output` directly.",
+            stacklevel=3,
+        )
 
 
 def _split(kwargs):

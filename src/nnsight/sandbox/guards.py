@@ -37,7 +37,11 @@ _TORCH_DENY = frozenset(
         "accelerator", "inductor", "hpu", "npu", "export", "Tensor",
     }
 )
-_TORCH_DENY_PREFIXES = ("set_", "get_rng", "manual_seed", "seed", "initial_seed", "is_grad", "has_", "handle_", "sym_", "Sym")
+_TORCH_DENY_PREFIXES = ("set_", "get_", "get_rng", "manual_seed", "seed", "initial_seed", "is_grad", "has_", "handle_", "sym_", "Sym")
+_TORCH_FUNCTION_MODULES = frozenset(
+    {"torch", "torch.functional", "torch.nn.functional", "torch._C._linalg", "torch._C._fft", "torch._C._special",
+     "torch._C._nn", "torch.autograd"}
+)
 _TORCH_CLASSES = {"Size", "device", "dtype", "finfo", "iinfo", "no_grad", "enable_grad", "inference_mode"}
 _SUBMODULES = {
     "torch": {"nn": "torch.nn", "linalg": "torch.linalg", "fft": "torch.fft", "special": "torch.special", "autograd": "torch.autograd"},
@@ -248,6 +252,8 @@ class Guards:
             or attr.startswith(_TORCH_DENY_PREFIXES)
             or "Storage" in attr
             or attr.endswith("Tensor")
+            or "sparse" in attr
+            or "quantized" in attr
         ):
             _deny(f"{name}.{attr} is not available in remote code (file, network, pickle, JIT, global-state, "
                   "uninitialized-memory and in-place functions of torch are blocked)")
@@ -261,9 +267,17 @@ class Guards:
             if attr in _TORCH_CLASSES:
                 return value
             _deny(f"the class {name}.{attr} is not available in remote code")
-        if name == "torch.nn.functional" and callable(value):
-            return self._functional(attr, value)
-        if callable(value) or _plain_value(value):
+        if callable(value):
+            if getattr(value, "__module__", None) not in _TORCH_FUNCTION_MODULES:
+                _deny(f"{name}.{attr} is not available in remote code")
+            if name == "torch.nn.functional":
+                return self._functional(attr, value)
+            if name == "torch" and not (
+                hasattr(torch._C._VariableFunctions, attr) or value.__module__ == "torch.functional" or attr == "is_tensor"
+            ):
+                _deny(f"torch.{attr} is not available in remote code")
+            return value
+        if _plain_value(value):
             return value
         _deny(f"{name}.{attr} is not available in remote code")
 
@@ -296,7 +310,7 @@ class Guards:
         if isinstance(obj, ModuleProxy):
             return getattr(obj, name)
         if isinstance(obj, torch.Tensor):
-            if name in _TENSOR_DENY:
+            if name in _TENSOR_DENY or "resize" in name or "sparse" in name or "storage" in name:
                 _deny(f"tensor.{name} is not available in remote code")
             if (name in _TENSOR_SHARED_DENY or name.endswith("_")) and self.is_shared(obj):
                 _deny(f"tensor.{name} on the model's own weights is not allowed: they are read-only for remote code")
