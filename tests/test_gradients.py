@@ -89,3 +89,22 @@ def test_plain_backward_untouched_by_import():
     import nnsight  # noqa: F401
 
     assert torch.Tensor.backward.__module__ == "torch._tensor"
+
+
+def test_gradients_with_several_invokes():
+    net = _net()
+    model = NNsight(net)
+    a, b = torch.rand(1, 4), torch.rand(2, 4)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            hidden_a = model[0].output
+            loss_a = model.output.sum()
+            with loss_a.backward(retain_graph=True):
+                grad_a = hidden_a.grad.save()
+        with tracer.invoke(b):
+            hidden_b = model[0].output
+            out_b = model.output.save()
+    h = net[0](a)
+    expected = torch.autograd.grad(net[2](net[1](h)).sum(), h)[0]
+    assert torch.allclose(grad_a, expected)
+    assert out_b.shape == (2, 3)

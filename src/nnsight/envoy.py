@@ -112,7 +112,12 @@ class Envoy:
         if path.startswith(prefix):
             path = path[len(prefix) :]
         for part in path.split(".") if path else []:
-            envoy = envoy[part] if part.lstrip("-").isdigit() else getattr(envoy, part)
+            if part in envoy._module._modules:
+                envoy = envoy._child(part)
+            elif part.lstrip("-").isdigit():
+                envoy = envoy[int(part)]
+            else:
+                envoy = getattr(envoy, part)
         return envoy
 
     def modules(self, include_self=True):

@@ -15,14 +15,19 @@ first. A plain ``loss.backward()`` anywhere else is untouched; nothing is patche
 
 from __future__ import annotations
 
+from .batching import merge, narrow
 from .errors import NNsightError
 from .interleaver import Interleaver, current_mediator
 
 
 class GradHook:
-    """A tensor hook that serves the gradient of one tensor to the backward block."""
+    """A tensor hook that serves the gradient of one tensor to the backward block.
 
-    def __init__(self, tensor, interleaver, label):
+    For an invoke's rows of a batched tensor (``rows``), the hook sits on the batch
+    tensor the model actually used, and hands over (and takes back) those rows.
+    """
+
+    def __init__(self, tensor, interleaver, label, rows=None, batch_size=None):
         if not tensor.requires_grad:
             raise NNsightError(
                 f"{label} does not require grad, so it has no gradient: call .requires_grad_(True) on it "
@@ -34,25 +39,38 @@ class GradHook:
         self.waiting_input = 0
         self.step = None  # read by error messages, like a ModuleHook's
         self.count = 0
+        self.rows = rows
+        self.batch_size = batch_size
         self.handle = tensor.register_hook(self)
 
     def __call__(self, grad):
         if not self.waiting:
             return None
-        value, _ = self.interleaver.serve(self, "grad", 0, grad)
-        return value if value is not grad else None
+        if self.rows is None:
+            value, _ = self.interleaver.serve(self, "grad", 0, grad)
+            return value if value is not grad else None
+        view = narrow(grad, self.rows, self.batch_size)
+        value, _ = self.interleaver.serve(self, "grad", 0, view)
+        return None if value is view else merge(grad, view, value, self.rows, self.batch_size)
 
 
 class BackwardInterleaver(Interleaver):
-    def __init__(self):
+    def __init__(self, parent):
         super().__init__(batch_size=None)
+        self.parent = parent  # the invoke whose code opened the backward block
         self.grad_hooks = {}
 
     def grad_hook(self, tensor):
         hook = self.grad_hooks.get(id(tensor))
         if hook is None:
             label = f"tensor of shape {tuple(tensor.shape)}"
-            hook = self.grad_hooks[id(tensor)] = GradHook(tensor, self, label)
+            known = self.parent.views.get(id(tensor))
+            if known is not None and known[0] is tensor:
+                parent_il = self.parent.interleaver
+                hook = GradHook(known[1], self, label, self.parent.rows, parent_il.batch_size)
+            else:
+                hook = GradHook(tensor, self, label)
+            self.grad_hooks[id(tensor)] = hook
         return hook
 
     def remove_hooks(self):
@@ -65,7 +83,7 @@ def run_backward(tensor, body, args, kwargs):
     parent = current_mediator()
     if parent is None:
         raise NNsightError("`with tensor.backward():` works inside a trace")
-    interleaver = BackwardInterleaver()
+    interleaver = BackwardInterleaver(parent)
     interleaver.tracer = parent.interleaver.tracer
     mediator = interleaver.add(body)
     try:

@@ -41,6 +41,7 @@ ASSIGN = "__nnsight_assign__"
 TARGET = "__nnsight_target__"
 _VALUE_ATTRS = ("output", "input", "inputs")
 UNBOUND = "__nnsight_unbound__"
+COMPILE_HOOK = "__nnsight_compile__"  # a global of the block's scope: compile_fn(module_ast, filename) -> code
 
 
 class SkipBlock(Exception):
@@ -518,7 +519,7 @@ class _InvokeRewriter(ast.NodeTransformer):
         return ast.copy_location(new_with, node)
 
 
-def _build(with_node: ast.With, caller_locals: set[str], filename: str) -> tuple[object, tuple[str, ...], bool]:
+def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_fn=None) -> tuple[object, tuple[str, ...], bool]:
     # The rewriters work in place; the parsed file is shared by every block in it.
     with_node = copy.deepcopy(with_node)
     body = with_node.body
@@ -596,7 +597,7 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str) -> tuple
         fn.type_params = []
     ast.copy_location(fn, with_node)
     module = ast.fix_missing_locations(ast.Module(body=[fn], type_ignores=[]))
-    code = compile(module, filename, "exec")
+    code = compile(module, filename, "exec") if compile_fn is None else compile_fn(module, filename)
     block_code = next(c for c in code.co_consts if getattr(c, "co_name", None) == "__nnsight_block__")
     return block_code, params, frozenset(invokes_assigned)
 
@@ -616,7 +617,8 @@ def capture_block(frame) -> Block:
     node = _find_with(tree, frame.f_lineno, filename)
     module_level = frame.f_locals is frame.f_globals
     caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
-    block_code, params, shared_names = _build(node, caller_locals, filename)
+    # A scope may supply its own compiler (the remote server's sandbox does: see nnsight.sandbox.runner).
+    block_code, params, shared_names = _build(node, caller_locals, filename, frame.f_globals.get(COMPILE_HOOK))
     trivial = all(
         isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
         for stmt in node.body

@@ -178,6 +178,17 @@ class Delivery:
         self.view = narrow(self.full, mediator.rows, il.batch_size)
 
 
+def _remember_views(views, view, full):
+    """Map each tensor an invoke was handed to the batch tensor it is a view of."""
+    if isinstance(view, torch.Tensor):
+        if view is not full:
+            views[id(view)] = (view, full)
+    elif isinstance(view, (tuple, list)) and isinstance(full, (tuple, list)):
+        for v, f in zip(view, full):
+            if isinstance(v, torch.Tensor) and v is not f:
+                views[id(v)] = (v, f)
+
+
 def _check_shapes(where, old, new):
     if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
         try:
@@ -290,7 +301,7 @@ class Mediator:
         self.last = None  # Request last served, for error messages
         self.done = False
         self.served = 0
-        self.deferred_error = None  # why this body was put off, see Interleaver._defer
+        self.views = {}  # id(row view) -> (view, full tensor): gradients of an invoke's rows        self.deferred_error = None  # why this body was put off, see Interleaver._defer
         self.deferred_for = None
 
     def restart(self):
@@ -532,7 +543,12 @@ class Interleaver:
                 mediator.pending = None
                 mediator.served += 1
                 rows = mediator.rows
-                delivery = Delivery(hook, point, index, value, value if rows is None else narrow(value, rows, self.batch_size))
+                if rows is None:
+                    view = value
+                else:
+                    view = narrow(value, rows, self.batch_size)
+                    _remember_views(mediator.views, view, value)
+                delivery = Delivery(hook, point, index, value, view)
                 mediator.current = delivery
                 if self.single:
                     mediator.resume(delivery)

@@ -1,0 +1,174 @@
+"""Run one remote request against a served model, inside the sandbox (in the worker process).
+
+The body's source is registered in ``linecache`` under ``<nnsight-remote:JOB>`` with
+the user's line numbers; a generated module ``with __nnsight_ctx__ as NAME:`` (whose
+own body is a ``pass``) enters the real tracer, so the tracing engine captures the
+block from that source exactly as it does locally, and compiles it through
+``policy.restricted_compile`` (found as ``__nnsight_compile__`` in the block's globals).
+"""
+
+from __future__ import annotations
+
+import keyword
+import linecache
+import traceback
+
+from ..remote.serialize import SENDABLE_MODULES, Decoder, Encoder, load_tensors
+from .errors import SandboxError
+from .guards import Guards, make_print
+from .policy import check_source, compile_user_function
+
+PREFIX = "<nnsight-remote:"
+
+
+def _ident(name, what):
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+        raise SandboxError(f"invalid {what} name {name!r}")
+    return name
+
+
+def _register(filename, text):
+    lines = text.splitlines(True)
+    linecache.cache[filename] = (len(text), None, lines, filename)
+
+
+def forget(job_id):
+    """Drop what this job left in linecache and in the engine's per-file caches."""
+    from ..tracing import capture
+
+    tag = f"{PREFIX}{job_id}"
+    for key in [k for k in linecache.cache if isinstance(k, str) and k.startswith(tag)]:
+        del linecache.cache[key]
+    for key in [k for k in capture._parsed_files if k[0].startswith(tag)]:
+        tree = capture._parsed_files.pop(key)
+        capture._with_index.pop(id(tree), None)
+    for key in [k for k in capture._blocks if k[0].co_filename.startswith(tag)]:
+        del capture._blocks[key]
+
+
+def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, max_print=65536, max_tensor_bytes=None):
+    """Run ``request`` (a ``JobRequest`` as a dict); returns ``(values, blob)`` of the saved names."""
+    filename = f"{PREFIX}{job_id}>"
+    body = request["source"]
+    first = int(request["body_lineno"])
+    as_name = request.get("as_name")
+    if as_name is not None:
+        _ident(as_name, "`as`")
+    user_file = request.get("filename") or "<remote>"
+
+    # 1. static check of everything the user wrote, with the user's line numbers
+    check_source("\n" * (first - 2) + "if True:\n" + body, user_file)
+    scope = guards.scope(make_print(emit_print, max_print))
+
+    # 2. user functions
+    functions = {}
+    for fn in request.get("functions") or []:
+        name = _ident(fn["name"], "function")
+        lineno = int(fn["lineno"])
+        fn_file = f"{PREFIX}{job_id}:{name}>"
+        text = "\n" * (lineno - 1) + fn["source"]
+        _register(fn_file, text)
+        code, defined = compile_user_function(text, fn.get("filename") or user_file)
+        if defined != name:
+            raise SandboxError(f"function {name!r}: its source defines {defined!r}")
+        exec(code, scope)
+        functions[name] = scope[name]
+
+    def envoy(path):
+        if any(part.startswith("_") for part in path.split(".")):
+            raise SandboxError(f"invalid module path {path!r}")
+        if path == model.path:
+            return model
+        return model.get(path)
+
+    def module(name):
+        if name not in SENDABLE_MODULES:
+            raise SandboxError(f"module {name!r} is not available remotely")
+        return guards.proxy(name)
+
+    def function(name):
+        if name not in functions:
+            raise SandboxError(f"function {name!r} was referenced but its source was not sent")
+        return functions[name]
+
+    decoder = Decoder(load_tensors(request.get("tensors"), max_tensor_bytes), envoy=envoy, module=module, function=function)
+    raw_inputs, raw_kwargs, raw_vars = request.get("inputs") or [], request.get("kwargs") or {}, request.get("variables") or {}
+    if not isinstance(raw_inputs, list) or not isinstance(raw_kwargs, dict) or not isinstance(raw_vars, dict):
+        raise SandboxError("malformed request")
+    inputs = [decoder.decode(v, f"input {i}") for i, v in enumerate(raw_inputs)]
+    kwargs = {k: decoder.decode(v, f"keyword argument {k!r}") for k, v in raw_kwargs.items()}
+    variables = {k: decoder.decode(v, f"variable {k!r}") for k, v in raw_vars.items()}
+    for name in kwargs:
+        _ident(name, "keyword argument")
+        if name in ("remote", "blocking"):
+            raise SandboxError(f"{name}= is not allowed here")
+    for name in variables:
+        _ident(name, "variable")
+    scope.update(variables)
+
+    kind = request["kind"]
+    if kind == "trace":
+        ctx = model.trace(*inputs, **kwargs)
+    elif kind == "generate":
+        if not hasattr(model, "generate"):
+            raise SandboxError("this model does not support generate")
+        ctx = model.generate(*inputs, **kwargs)
+    elif kind == "session":
+        if inputs or kwargs:
+            raise SandboxError("a session takes no inputs")
+        ctx = model.session()
+    else:
+        raise SandboxError(f"unknown kind {kind!r}")
+    scope["__nnsight_ctx__"] = ctx
+
+    # 3. the block, found by the engine through linecache
+    header = f"with __nnsight_ctx__ as {as_name}:\n" if as_name else "with __nnsight_ctx__:\n"
+    pad = "\n" * (first - 2)
+    _register(filename, pad + header + body)
+    outer = compile(pad + header + "    pass\n", filename, "exec")
+    before = {name: id(value) for name, value in scope.items()}
+    exec(outer, scope)
+
+    saved = {
+        name: value
+        for name, value in scope.items()
+        if not name.startswith("_") and name != as_name and before.get(name) != id(value)
+    }
+    encoder = Encoder(envoy_path=lambda v: None)
+    tree = {name: encoder.encode(value, f"saved value {name!r}") for name, value in saved.items()}
+    return tree, encoder.blob()
+
+
+ALLOWED_ERRORS = {
+    "ArithmeticError", "AssertionError", "AttributeError", "IndexError", "KeyError", "LookupError", "NameError",
+    "NotImplementedError", "OverflowError", "RuntimeError", "StopIteration", "TypeError", "ValueError",
+    "ZeroDivisionError", "UnboundLocalError", "RecursionError", "MemoryError", "SyntaxError", "ImportError",
+    "ModuleNotFoundError", "IndentationError", "FloatingPointError",
+    "NNsightError", "OutOfOrderError", "MissedValueError", "NotInTraceError", "SandboxError", "UnsupportedValue",
+}
+
+
+def describe_error(error: BaseException, job_id: str, user_file: str, functions_files=None) -> dict:
+    """``ErrorInfo`` (as a dict) for an exception of a job: type, message, the user's frames."""
+    tag = f"{PREFIX}{job_id}"
+    frames = []
+    for entry in traceback.extract_tb(error.__traceback__):
+        if entry.filename.startswith(tag):
+            line = linecache.getline(entry.filename, entry.lineno).strip()
+            frames.append({"filename": user_file, "lineno": entry.lineno, "name": _frame_name(entry.name), "line": line})
+    name = type(error).__name__
+    if name not in ALLOWED_ERRORS:
+        name = "RemoteError"
+        message = f"{type(error).__name__}: {error}"
+    else:
+        message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    message = message.replace(f"{tag}>", user_file)
+    if len(message) > 20_000:
+        message = message[:20_000] + " ..."
+    return {"type": name, "message": message, "traceback": frames[-20:]}
+
+
+def _frame_name(name):
+    if name.startswith("__nnsight_"):
+        return "<with block>"
+    return name
