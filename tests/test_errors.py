@@ -123,3 +123,15 @@ def test_multi_call_module_successive_calls(twolayer):
         second_out = model.shared.output.save()
     assert torch.equal(first_out, seen[0]) and torch.equal(second_out, seen[1])
     assert torch.equal(second_in, seen[0]) and torch.equal(same_in, first_in)
+
+
+def test_return_inside_block_is_a_clear_error(seq):
+    model = NNsight(seq)
+
+    def early():
+        with model.trace(torch.rand(1, 5)):
+            return model.output
+
+    with pytest.raises(SyntaxError, match="`return` directly inside"):
+        early()
+    assert ModuleHook_installed() == 0

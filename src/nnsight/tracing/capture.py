@@ -519,7 +519,56 @@ class _InvokeRewriter(ast.NodeTransformer):
         return ast.copy_location(new_with, node)
 
 
+class _ControlFlowCheck(ast.NodeVisitor):
+    """Statements that would leave the block early cannot work: nnsight runs the body itself."""
+
+    def __init__(self, filename):
+        self.filename = filename
+        self.loops = 0
+
+    def _refuse(self, node, what):
+        raise SyntaxError(
+            f"{self.filename}:{node.lineno}: `{what}` directly inside a `with model.trace(...)` block is not "
+            "supported, because nnsight runs the block's body itself, alongside the model. Save the value and "
+            f"use `{what}` after the block."
+        )
+
+    def visit_Return(self, node):
+        self._refuse(node, "return")
+
+    def visit_Yield(self, node):
+        self._refuse(node, "yield")
+
+    visit_YieldFrom = visit_Yield
+
+    def visit_Await(self, node):
+        self._refuse(node, "await")
+
+    def _loop(self, node):
+        self.loops += 1
+        self.generic_visit(node)
+        self.loops -= 1
+
+    visit_For = visit_While = visit_AsyncFor = _loop
+
+    def visit_Break(self, node):
+        if not self.loops:
+            self._refuse(node, "break")
+
+    def visit_Continue(self, node):
+        if not self.loops:
+            self._refuse(node, "continue")
+
+    def visit_FunctionDef(self, node):
+        pass
+
+    visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
+
+
 def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_fn=None) -> tuple[object, tuple[str, ...], bool]:
+    check = _ControlFlowCheck(filename)
+    for stmt in with_node.body:
+        check.visit(stmt)
     # The rewriters work in place; the parsed file is shared by every block in it.
     with_node = copy.deepcopy(with_node)
     body = with_node.body
