@@ -113,6 +113,10 @@ def test_multi_call_module_successive_calls(twolayer):
     handle.remove()
     with model.trace(x):
         first = model.shared.output.save()
+        second = model.shared.output.save()
+    assert torch.equal(first, seen[0]) and torch.equal(second, seen[1])
+    with model.trace(x):
+        first = model.shared.output.save()
         second = model.shared.next().output.save()
     assert torch.equal(first, seen[0]) and torch.equal(second, seen[1])
     with model.trace(x):
@@ -135,3 +139,31 @@ def test_return_inside_block_is_a_clear_error(seq):
     with pytest.raises(SyntaxError, match="`return` directly inside"):
         early()
     assert ModuleHook_installed() == 0
+
+
+def test_reading_a_once_called_module_twice_gives_the_same_value(seq):
+    model = NNsight(seq)
+    with model.trace(torch.rand(1, 5)):
+        shape = model[0].output.shape
+        again = model[0].output.save()
+        out = model[2].output.save()
+    assert again.shape == (1, 10) and out.shape == (1, 2)
+
+
+def test_reading_a_module_after_moving_on_asks_for_its_next_call(seq):
+    model = NNsight(seq)
+    with pytest.raises(OutOfOrderError, match=r"model\[0\].*already run"):
+        with model.trace(torch.rand(1, 5)):
+            first = model[0].output
+            later = model[2].output
+            again = model[0].output
+
+
+def test_reread_after_in_place_edit_is_the_same_call(seq):
+    model = NNsight(seq)
+    with model.trace(torch.rand(1, 5)):
+        model[0].output[:, 0] = 5.0
+        edited = model[0].output.save()
+        inputs = model[0].inputs
+        first_input = model[0].input.save()
+    assert torch.all(edited[:, 0] == 5.0) and first_input.shape == (1, 5)

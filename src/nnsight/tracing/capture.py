@@ -294,6 +294,32 @@ def _lambda(body):
     )
 
 
+class _PeekRewriter(ast.NodeTransformer):
+    """In an assignment target's base, ``x.output`` -> ``__nnsight_rt__.peek(x, "output")``."""
+
+    def visit_Attribute(self, node):
+        self.generic_visit(node)
+        if node.attr in _VALUE_ATTRS and isinstance(node.ctx, ast.Load):
+            return ast.copy_location(
+                ast.Call(
+                    func=ast.Attribute(ast.Name(RT, ast.Load()), "peek", ast.Load()),
+                    args=[node.value, ast.Constant(node.attr)],
+                    keywords=[],
+                ),
+                node,
+            )
+        return node
+
+    def visit_Call(self, node):
+        # Only the chain itself (m.output[0]...), not values computed inside it.
+        node.func = self.visit(node.func)
+        return node
+
+    def visit_Subscript(self, node):
+        node.value = self.visit(node.value)
+        return node
+
+
 def _reads_value(expr) -> bool:
     """Whether ``expr`` (an assignment target's base) goes through ``.output``/``.input``/``.inputs``."""
     while isinstance(expr, (ast.Subscript, ast.Attribute, ast.Call)):
@@ -360,7 +386,8 @@ class _SaveRewriter(ast.NodeTransformer):
             )
             return ast.copy_location(ast.Expr(call), node)
         if isinstance(target, ast.Subscript) and _reads_value(target.value):
-            first = ast.copy_location(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=target.value), node)
+            base = _PeekRewriter().visit(target.value)
+            first = ast.copy_location(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=base), node)
             second = ast.copy_location(
                 ast.Assign(
                     targets=[ast.Subscript(value=ast.Name(TARGET, ast.Load()), slice=target.slice, ctx=ast.Store())],

@@ -141,11 +141,18 @@ class BarrierRequest:
 class Delivery:
     """A value handed to a mediator while the model is paused at one hook point."""
 
-    __slots__ = ("hook", "point", "index", "full", "view", "skip")
+    __slots__ = ("hook", "point", "index", "full", "view", "skip", "kinds_read", "versions", "written")
 
-    def __init__(self, hook, point, index, full, view):
+    def __init__(self, hook, point, index, full, view, kind=None):
         self.hook, self.point, self.index, self.full, self.view = hook, point, index, full, view
         self.skip = _MISSING
+        self.kinds_read = {kind}
+        self.versions = _versions(view)
+        self.written = False
+
+    def edited(self) -> bool:
+        """Whether the body replaced this value, or changed it in place, since it was handed over."""
+        return self.written or _versions(self.view) != self.versions
 
     def read(self, kind):
         if kind == "input":
@@ -176,6 +183,23 @@ class Delivery:
             _check_shapes(f"{self.hook.path}.{kind}", self.read(kind) if kind != "inputs" else self.view, value)
         self.full = merge(self.full, self.view, new, mediator.rows, il.batch_size)
         self.view = narrow(self.full, mediator.rows, il.batch_size)
+        self.written = True
+
+
+def _versions(value):
+    """In-place edit counters of the tensors in ``value`` (and one level of containers)."""
+    if isinstance(value, torch.Tensor):
+        return _version(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_version(v) if isinstance(v, torch.Tensor) else None for v in value)
+    if isinstance(value, dict):
+        return tuple(_version(v) for v in value.values() if isinstance(v, torch.Tensor))
+    return None
+
+
+def _version(tensor):
+    # Inference tensors (torch.inference_mode, vLLM) keep no counter: count them as edited.
+    return object() if tensor.is_inference() else tensor._version
 
 
 def _remember_views(views, view, full):
@@ -215,7 +239,7 @@ class ModuleHook:
 
     __slots__ = (
         "module", "path", "interleaver", "original", "previous", "step", "count", "waiting", "waiting_input",
-        "counts_steps", "call_inputs", "observers", "dotted", "ops", "__wrapped__",
+        "counts_steps", "call_inputs", "observers", "dotted", "ops", "repeats", "__wrapped__",
     )
 
     installed = 0  # hooks in place right now, in every model (tests assert it drops back to 0)
@@ -228,6 +252,7 @@ class ModuleHook:
         self.call_inputs = None
         self.observers = None  # callables(hook, path, args, kwargs, output) after each call (tracer.cache)
         self.ops = None  # operation name -> OperationHook, when the trace uses this module's .source
+        self.repeats = False  # its parent's forward calls it several times (see Envoy._called_repeatedly)
 
     def install(self, interleaver, counts_steps=False):
         self.interleaver = interleaver
@@ -313,25 +338,34 @@ class Mediator:
 
     # -- worker side -------------------------------------------------------
 
-    def get(self, envoy, kind):
+    def get(self, envoy, kind, peek=False):
         """The value of ``envoy.<kind>`` for this invoke.
 
-        Reading again while the model is still paused at that module returns the
-        same call's value (edits included). Once the body has moved on to another
-        module, reading this one again means its next call (shared modules,
-        recurrence); ``envoy.next()`` asks for the next call explicitly.
+        Reading again while the model is still paused at the module returns the
+        same call's value (edits included), as in the public nnsight. For a module
+        its parent's forward calls several times (a shared module, a recurrence),
+        an untouched value read again means the module's next call: successive
+        reads get successive calls. Once the code has moved on to another module,
+        reading this one again always means its next call; ``envoy.next()`` asks
+        for it explicitly. ``peek``: the base of an assignment target
+        (``m.output[0][:] = ...``), which never asks for a new call on its own.
         """
         hook = self.interleaver.hook_for(envoy)
         point = "output" if kind == "output" else "input"
         delivery = self.current
         if delivery is not None and delivery.hook is hook and not self.advance:
             if delivery.point == point:
-                return delivery.read(kind)
+                if peek or not hook.repeats or kind not in delivery.kinds_read or delivery.edited():
+                    delivery.kinds_read.add(kind)
+                    return delivery.read(kind)
             if point == "input":  # paused at the output: the inputs of the call that just ran
                 args_kwargs = narrow(hook.call_inputs, self.rows, self.interleaver.batch_size)
                 return Delivery(hook, "input", delivery.index, args_kwargs, args_kwargs).read(kind)
         self.advance = False
-        return self._wait(hook, point, kind).read(kind)
+        delivery = self._wait(hook, point, kind)
+        if peek:
+            delivery.kinds_read.discard(kind)
+        return delivery.read(kind)
 
     def set(self, envoy, kind, value=_MISSING, make_value=None):
         """Replace ``envoy.<kind>``; ``make_value`` is called once the model has reached that point."""
@@ -340,6 +374,7 @@ class Mediator:
         delivery = self.current
         if not (delivery is not None and delivery.hook is hook and delivery.point == point):
             delivery = self._wait(hook, point, kind)
+            delivery.kinds_read.discard(kind)  # `m.output = f(m.output)` reads this same call
         delivery.write(kind, make_value() if make_value is not None else value, self)
 
     def get_grad(self, tensor):
@@ -548,7 +583,7 @@ class Interleaver:
                 else:
                     view = narrow(value, rows, self.batch_size)
                     _remember_views(mediator.views, view, value)
-                delivery = Delivery(hook, point, index, value, view)
+                delivery = Delivery(hook, point, index, value, view, request.kind)
                 mediator.current = delivery
                 if self.single:
                     mediator.resume(delivery)
@@ -731,8 +766,10 @@ class Interleaver:
         ran = request.hook.step is not None and request.hook.step >= request.step
         if ran:
             return MissedValueError(
-                f"{wanted} was requested, but {request.hook.path} was not called that many times "
-                f"(it ran {request.hook.count} time(s) in this forward pass after the request was made)."
+                f"{wanted} was requested, but {request.hook.path} ran only {request.hook.count} time(s) in this "
+                f"forward pass after the request. Reading a module again after reading another one (or with "
+                f".next()) asks for its next call; to use the same call's value again, keep the first read "
+                f"in a variable."
             )
         return MissedValueError(
             f"{wanted} was requested, but {request.hook.path} did not run"

@@ -198,6 +198,33 @@ class BlockContext:
             return bool(value) and any(id(v) in saved for v in value.values())
         return False
 
+    def peek(self, target, kind):
+        """``target.<kind>`` as the base of an assignment target (see capture._PeekRewriter)."""
+        mediator = current_mediator()
+        if mediator is None or not hasattr(target, "_key"):
+            return getattr(target, kind)
+        return mediator.get(target, kind, peek=True)
+
+    # -- gradients (compiled from `with loss.backward():` blocks) ------------
+
+    def backward(self, tensor, body, *args, **kwargs):
+        from .backward import run_backward
+
+        run_backward(tensor, body, args, kwargs)
+
+    def grad(self, tensor):
+        mediator = current_mediator()
+        if mediator is None:
+            return tensor.grad
+        return mediator.get_grad(tensor)
+
+    def set_grad(self, tensor, make_value):
+        mediator = current_mediator()
+        if mediator is None:
+            tensor.grad = make_value()
+        else:
+            mediator.set_grad(tensor, make_value)
+
     def _save(self, value, *args, **kwargs):
         if args or kwargs or hasattr(type(value), "save"):
             return value.save(*args, **kwargs)
@@ -271,26 +298,6 @@ class Tracer(BlockContext):
         cache = Cache(self.model, mediator, modules, include_inputs, include_output, detach)
         _mark_saved(cache)
         return cache
-
-    # -- gradients (compiled from `with loss.backward():` blocks) ------------
-
-    def backward(self, tensor, body, *args, **kwargs):
-        from .backward import run_backward
-
-        run_backward(tensor, body, args, kwargs)
-
-    def grad(self, tensor):
-        mediator = current_mediator()
-        if mediator is None:
-            return tensor.grad
-        return mediator.get_grad(tensor)
-
-    def set_grad(self, tensor, make_value):
-        mediator = current_mediator()
-        if mediator is None:
-            tensor.grad = make_value()
-        else:
-            mediator.set_grad(tensor, make_value)
 
     @property
     def result(self):
