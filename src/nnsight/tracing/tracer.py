@@ -235,12 +235,15 @@ class BlockContext:
 class Tracer(BlockContext):
     """Runs one ``with`` block together with one run of the model (see module docstring)."""
 
+    # Options of older nnsight versions that asked for extra shape checks; accepted and ignored.
+    _LEGACY_OPTIONS = ("scan", "validate")
+
     def __init__(self, model, args, kwargs, run_kwargs=None):
         super().__init__()
         self.model = model
         self._args = args
-        self._kwargs = kwargs
-        self._run_kwargs = run_kwargs or {}
+        self._kwargs = {k: v for k, v in kwargs.items() if k not in self._LEGACY_OPTIONS}
+        self._run_kwargs = {k: v for k, v in (run_kwargs or {}).items() if k not in self._LEGACY_OPTIONS}
         self._invokers: list[Invoker] = []
         self.interleaver = None
         self._result = None
@@ -265,6 +268,10 @@ class Tracer(BlockContext):
             return
         interleaver.stopping = True
         interleaver.main.switch()
+
+    def log(self, *values):
+        """Print from inside the trace (kept for scripts written for older nnsight; print works too)."""
+        print(*values)
 
     def barrier(self, participants: int):
         return Barrier(participants)
