@@ -71,7 +71,47 @@ def _display(path: str) -> str:
     return out
 
 
-class Envoy:
+class ValueAccess:
+    """``.output`` / ``.input`` / ``.inputs`` of whatever ``self`` stands for (a module, an operation).
+
+    Subclasses provide ``_mediator(what)``: the running invoke, or a clear error.
+    """
+
+    def _assign_lazily(self, kind, make_value):
+        if kind in ("output", "input", "inputs"):
+            self._mediator(kind).set(self, kind, make_value=make_value)
+        else:
+            setattr(self, kind, make_value())
+
+    @property
+    def output(self):
+        """The output for this invoke (waits until the model has produced it)."""
+        return self._mediator("output").get(self, "output")
+
+    @output.setter
+    def output(self, value):
+        self._mediator("output").set(self, "output", value)
+
+    @property
+    def input(self):
+        """The first positional argument of the call (or the first keyword argument)."""
+        return self._mediator("input").get(self, "input")
+
+    @input.setter
+    def input(self, value):
+        self._mediator("input").set(self, "input", value)
+
+    @property
+    def inputs(self):
+        """Every argument of the call, as ``(args_tuple, kwargs_dict)``."""
+        return self._mediator("inputs").get(self, "inputs")
+
+    @inputs.setter
+    def inputs(self, value):
+        self._mediator("inputs").set(self, "inputs", value)
+
+
+class Envoy(ValueAccess):
     """Stands in for one ``torch.nn.Module`` of the traced model."""
 
     def __init__(self, module: torch.nn.Module, path: str = "model", root: "Envoy | None" = None, parent=None):
@@ -109,7 +149,7 @@ class Envoy:
         ) from None
 
     def __setattr__(self, name, value):
-        if name in ("output", "input", "inputs") or name in type(self).__dict__ or name.startswith("_"):
+        if name in ("output", "input", "inputs") or hasattr(type(self), name) or name.startswith("_"):
             if name == "_hook":  # the engine's per-envoy hook cache
                 object.__setattr__(self, name, value)
                 return
@@ -228,39 +268,6 @@ class Envoy:
                 f"`with tracer.invoke(...):` block when the trace has explicit invokes)."
             )
         return mediator
-
-    def _assign_lazily(self, kind, make_value):
-        if kind in ("output", "input", "inputs"):
-            self._mediator(kind).set(self, kind, make_value=make_value)
-        else:
-            setattr(self, kind, make_value())
-
-    @property
-    def output(self):
-        """The module's output for this invoke (waits until the module has run)."""
-        return self._mediator("output").get(self, "output")
-
-    @output.setter
-    def output(self, value):
-        self._mediator("output").set(self, "output", value)
-
-    @property
-    def input(self):
-        """The first positional argument of the module's call (or the first keyword argument)."""
-        return self._mediator("input").get(self, "input")
-
-    @input.setter
-    def input(self, value):
-        self._mediator("input").set(self, "input", value)
-
-    @property
-    def inputs(self):
-        """Every argument of the module's call, as ``(args_tuple, kwargs_dict)``."""
-        return self._mediator("inputs").get(self, "inputs")
-
-    @inputs.setter
-    def inputs(self, value):
-        self._mediator("inputs").set(self, "inputs", value)
 
     def skip(self, value):
         """Do not run this module in the current call; the model sees ``value`` as its output."""

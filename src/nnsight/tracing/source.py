@@ -21,6 +21,7 @@ import inspect
 import textwrap
 import types
 
+from ..envoy import ValueAccess
 from .errors import NNsightError
 from .interleaver import ModuleHook, current_mediator
 
@@ -201,7 +202,7 @@ class OperationHook(ModuleHook):
         return self(*args, **kwargs)
 
 
-class OperationEnvoy:
+class OperationEnvoy(ValueAccess):
     """``module.source.<op>``: one operation inside a module's forward."""
 
     def __init__(self, module_envoy, name):
@@ -223,33 +224,6 @@ class OperationEnvoy:
         if mediator is None:
             raise NNsightError(f"{self._display}.{what} is only available inside a trace")
         return mediator
-
-    @property
-    def output(self):
-        return self._mediator("output").get(self, "output")
-
-    @output.setter
-    def output(self, value):
-        self._mediator("output").set(self, "output", value)
-
-    @property
-    def input(self):
-        return self._mediator("input").get(self, "input")
-
-    @input.setter
-    def input(self, value):
-        self._mediator("input").set(self, "input", value)
-
-    @property
-    def inputs(self):
-        return self._mediator("inputs").get(self, "inputs")
-
-    @inputs.setter
-    def inputs(self, value):
-        self._mediator("inputs").set(self, "inputs", value)
-
-    def _assign_lazily(self, kind, make_value):
-        self._mediator(kind).set(self, kind, make_value=make_value)
 
     def __repr__(self):
         return f"<operation {self._display}>"
