@@ -232,3 +232,36 @@ def test_container_of_saved_values_is_bound(seq):
     assert len(outs) == 3 and by_name["first"].shape == (1, 10)
     with pytest.raises(UnboundLocalError):
         unsaved  # noqa: B018
+
+
+def test_nested_trace_of_another_model():
+    torch.manual_seed(0)
+    a = NNsight(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)))
+    b = NNsight(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3)))
+    x = torch.rand(1, 3)
+    with a.trace(x):
+        hidden = a[0].output
+        with b.trace(hidden):
+            inner = b[1].output.save()
+        out = a.output.save()
+    assert torch.allclose(inner, b._module(a._module[0](x))) and torch.allclose(out, a._module(x))
+
+
+def test_traces_in_two_threads():
+    torch.manual_seed(0)
+    models = [NNsight(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))) for _ in range(2)]
+    x = torch.rand(1, 3)
+    results = {}
+
+    def run(i):
+        for _ in range(100):
+            with models[i].trace(x):
+                out = models[i][1].output.save()
+        results[i] = out
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(results[i], models[i]._module(x)) for i in range(2))

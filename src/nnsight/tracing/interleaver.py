@@ -36,8 +36,8 @@ class EarlyStop(BaseException):
     """Unwinds the model's forward after ``tracer.stop()``."""
 
 
-class _State:
-    """The mediator whose code is running now (None while the model runs)."""
+class _State(threading.local):
+    """The mediator whose code is running now, per thread (None while the model runs)."""
 
     mediator = None
 
