@@ -1,1 +1,12 @@
-"""The engine: block capture (capture), interleaving with the model (interleaver), tracers (tracer)."""
+"""The engine behind ``with model.trace(...)``.
+
+capture      find a with-block's source, compile it once per call site, skip Python's own run of it
+tracer       the block contexts: Tracer (one model run), invokes, iteration over generation steps
+interleaver  run invoke bodies in greenlets alongside the model; module hooks; errors for missed values
+batching     each invoke's rows of a batched value, and putting edits back
+backward     gradients inside ``with loss.backward():``
+source       operation-level access (``module.source.<op>``)
+cache        ``tracer.cache()``
+scan, editing, session   ``model.scan()``, ``model.edit()``, ``model.session()``
+errors       the exceptions, and tracebacks that start at the user's code
+"""
