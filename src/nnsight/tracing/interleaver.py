@@ -97,7 +97,7 @@ def _release_worker(worker: _Worker):
     idle = getattr(_pool, "idle", None)
     if idle is None:
         idle = _pool.idle = []
-    if len(idle) < 16:
+    if len(idle) < 4:  # a few parked greenlets, never running user code
         idle.append(worker)
 
 
