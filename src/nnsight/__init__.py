@@ -6,6 +6,7 @@
         hidden = model.layer1.output.save()
 """
 
+from .config import CONFIG
 from .envoy import Envoy
 from .models.base import NNsight
 from .models.language import LanguageModel
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "NNsight",
+    "CONFIG",
     "LanguageModel",
     "Envoy",
     "save",

@@ -40,10 +40,12 @@ class NNsight(Envoy):
         object.__setattr__(self, "_order", None)
         object.__setattr__(self, "_edits", [])
 
-    def trace(self, *inputs, remote: bool = False, **kwargs) -> Tracer:
+    def trace(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> Tracer:
         """A context that runs the model once on ``inputs`` with the block's code alongside."""
         if remote:
-            raise NotImplementedError("remote execution is not available in this version of nnsight")
+            from ..remote.client import remote_block
+
+            return remote_block(self, "trace", inputs, kwargs, blocking)
         return Tracer(self, inputs, kwargs)
 
     def scan(self, *inputs, **kwargs) -> ScanTracer:
@@ -58,10 +60,12 @@ class NNsight(Envoy):
         """Remove every persistent edit of this model."""
         object.__setattr__(self, "_edits", [])
 
-    def session(self, remote: bool = False) -> Session:
+    def session(self, remote: bool = False, blocking: bool = True) -> Session:
         """Group several traces; values flow from one to the next and are bound after the session."""
         if remote:
-            raise NotImplementedError("remote execution is not available in this version of nnsight")
+            from ..remote.client import remote_block
+
+            return remote_block(self, "session", (), {}, blocking)
         return Session(self)
 
     def _copy_for_edit(self):

@@ -57,6 +57,7 @@ class LanguageModel(NNsight):
         automodel=None,
         dispatch: bool = False,
         padding_side: str = "left",
+        remote: bool = False,
         **kwargs,
     ):
         import transformers
@@ -67,7 +68,16 @@ class LanguageModel(NNsight):
         if isinstance(automodel, str):
             automodel = getattr(transformers, automodel)
         source = None
-        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        if remote and isinstance(model, str):
+            # Built on meta from the config the server reports; no local weights are needed.
+            from ..remote.client import fetch_model
+
+            config, served_tokenizer = fetch_model(model)
+            with torch.device("meta"):
+                module = automodel.from_config(config)
+            tokenizer = tokenizer if tokenizer is not None else served_tokenizer
+            dispatch = False
+        elif isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             source = _resolve(str(model))
             if tokenizer is None:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -90,7 +100,8 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "_source", source)
         object.__setattr__(self, "_automodel", automodel)
         object.__setattr__(self, "_load_kwargs", kwargs)
-        object.__setattr__(self, "_dispatched", source is None or dispatch)
+        object.__setattr__(self, "_dispatched", (source is None and not remote) or dispatch)
+        object.__setattr__(self, "_remote_name", str(model) if isinstance(model, (str, bytes)) else None)
         object.__setattr__(self, "padding_side", padding_side)
         object.__setattr__(self, "generator", GeneratorEnvoy())
         object.__setattr__(self, "_takes_position_ids", None)
@@ -105,6 +116,11 @@ class LanguageModel(NNsight):
         """Load the real weights now (normally done by the first trace or generate)."""
         if self._dispatched:
             return self
+        if self._source is None:
+            raise NNsightError(
+                "this LanguageModel was built from a server's config (remote=True) and has no local weights: "
+                "use remote=True on trace/generate/session"
+            )
         real = self._automodel.from_pretrained(self._source, **self._load_kwargs)
         real.eval()
         _rebind(self, real)
@@ -112,9 +128,11 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "_order", None)
         return self
 
-    def trace(self, *inputs, remote: bool = False, **kwargs) -> Tracer:
+    def trace(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> Tracer:
         if remote:
-            raise NotImplementedError("remote execution is not available in this version of nnsight")
+            from ..remote.client import remote_block
+
+            return remote_block(self, "trace", inputs, kwargs, blocking)
         self.dispatch()
         input_kwargs, run_kwargs = _split(kwargs)
         return Tracer(self, inputs, input_kwargs, run_kwargs)
@@ -126,10 +144,12 @@ class LanguageModel(NNsight):
         input_kwargs, run_kwargs = _split(kwargs)
         return ScanTracer(self, inputs, input_kwargs, run_kwargs)
 
-    def generate(self, *inputs, remote: bool = False, **kwargs) -> GenerateTracer:
+    def generate(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> GenerateTracer:
         """A context that runs ``model.generate(...)`` with the block over every step."""
         if remote:
-            raise NotImplementedError("remote execution is not available in this version of nnsight")
+            from ..remote.client import remote_block
+
+            return remote_block(self, "generate", inputs, kwargs, blocking)
         self.dispatch()
         input_kwargs, run_kwargs = _split(kwargs)
         return GenerateTracer(self, inputs, input_kwargs, run_kwargs)

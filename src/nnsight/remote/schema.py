@@ -25,7 +25,7 @@ class FunctionSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=_IDENT)
     source: str = Field(max_length=100_000, description="the `def` statement, dedented")
-    lineno: int = Field(ge=1, le=10_000_000, description="line of the `def` in the user's file")
+    lineno: int = Field(ge=1, le=1_000_000, description="line of the `def` in the user's file")
     filename: str = Field(default="<remote>", max_length=500)
 
 
@@ -37,7 +37,7 @@ class JobRequest(BaseModel):
     model: str = Field(max_length=200, description="name of a served model (GET /v1/models)")
     kind: Literal["trace", "generate", "session"]
     source: str = Field(max_length=200_000, description="the body of the `with` block, lines as in the user's file")
-    body_lineno: int = Field(ge=2, le=10_000_000, description="line number of the body's first line in the user's file")
+    body_lineno: int = Field(ge=2, le=1_000_000, description="line number of the body's first line in the user's file")
     filename: str = Field(default="<remote>", max_length=500, description="the user's file name, for messages")
     as_name: Optional[str] = Field(default=None, pattern=_IDENT, description="the name after `as`, if any")
     inputs: list[Any] = Field(default_factory=list, description="encoded positional inputs of trace/generate")

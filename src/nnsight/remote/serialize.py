@@ -74,6 +74,15 @@ class Encoder:
                     raise UnsupportedValue(f"{where}: dictionary keys must be str, int, float, bool or None, not {type(k).__name__}")
                 items.append([self.encode(k, f"{where} key", depth + 1), self.encode(v, f"{where}[{k!r}]", depth + 1)])
             return {"$t": "dict", "items": items}
+        fields = _model_output_fields(value)
+        if fields is not None:
+            items = []
+            for k, v in fields:
+                try:
+                    items.append([k, self.encode(v, f"{where}.{k}", depth + 1)])
+                except UnsupportedValue:
+                    items.append([k, None])  # e.g. a KV cache object: left out, like a field never set
+            return {"$t": "model_output", "class": type(value).__name__, "items": items}
         if type(value) is slice:
             return {"$t": "slice", "v": [self.encode(p, where, depth + 1) for p in (value.start, value.stop, value.step)]}
         if isinstance(value, torch.dtype):
@@ -182,6 +191,12 @@ class Decoder:
                     raise ValueError(f"{where}: malformed dict key")
                 out[key] = self.decode(pair[1], where, depth + 1)
             return out
+        if tag == "model_output":
+            items = value.get("items")
+            if not isinstance(items, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in items):
+                raise ValueError(f"{where}: malformed model output")
+            fields = {k: self.decode(v, where, depth + 1) for k, v in items}
+            return _make_model_output(value.get("class"), fields)
         if tag == "float":
             v = value.get("v")
             if v not in ("nan", "inf", "-inf"):
@@ -215,6 +230,38 @@ class Decoder:
                     raise ValueError(f"{where}: malformed {tag}")
                 return resolver(ref)
         raise ValueError(f"{where}: unknown value tag {tag!r}")
+
+
+def _model_output_fields(value):
+    """``[(name, value)]`` of a transformers ``ModelOutput`` (any field, set or not), else None."""
+    cls = type(value)
+    if cls.__module__ != "transformers.modeling_outputs" and not cls.__module__.startswith("transformers.models."):
+        return None
+    try:
+        from transformers.utils import ModelOutput
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(value, ModelOutput):
+        return None
+    import dataclasses
+
+    return [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+
+
+def _make_model_output(name, fields):
+    """The transformers output class ``name`` (from transformers.modeling_outputs only), else a dict."""
+    try:
+        import transformers.modeling_outputs as outputs
+        from transformers.utils import ModelOutput
+    except ImportError:  # pragma: no cover
+        return fields
+    cls = getattr(outputs, name, None) if isinstance(name, str) and name.isidentifier() else None
+    if isinstance(cls, type) and issubclass(cls, ModelOutput):
+        try:
+            return cls(**fields)
+        except TypeError:
+            pass
+    return fields
 
 
 def encode_values(values: dict, **finders) -> tuple[dict, str | None]:

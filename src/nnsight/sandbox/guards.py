@@ -371,6 +371,8 @@ class Guards:
         try:
             value = getattr(module, name)
         except AttributeError:
+            if hasattr(type(envoy), name):
+                _deny(f"{envoy._display}.{name} is not available in remote code")
             return getattr(envoy, name)  # the envoy's own error listing the children
         if isinstance(value, torch.Tensor) or _plain_value(value):
             return value

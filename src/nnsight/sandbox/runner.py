@@ -125,7 +125,7 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     header = f"with __nnsight_ctx__ as {as_name}:\n" if as_name else "with __nnsight_ctx__:\n"
     pad = "\n" * (first - 2)
     _register(filename, pad + header + body)
-    outer = compile(pad + header + "    pass\n", filename, "exec")
+    outer = compile(pad + header + "    __nnsight_body__ = None\n", filename, "exec")
     before = {name: id(value) for name, value in scope.items()}
     exec(outer, scope)
 
@@ -153,7 +153,7 @@ def describe_error(error: BaseException, job_id: str, user_file: str, functions_
     tag = f"{PREFIX}{job_id}"
     frames = []
     for entry in traceback.extract_tb(error.__traceback__):
-        if entry.filename.startswith(tag):
+        if entry.filename.startswith(tag) and entry.name != "<module>":
             line = linecache.getline(entry.filename, entry.lineno).strip()
             frames.append({"filename": user_file, "lineno": entry.lineno, "name": _frame_name(entry.name), "line": line})
     name = type(error).__name__

@@ -1,0 +1,432 @@
+"""The client side of ``remote=True``: send a ``with`` block as one request, bind what it saved.
+
+    with model.trace("Hello", remote=True):
+        hs = model.model.layers[0].output.save()
+    # hs is bound here, as after a local run
+
+On entering the block, its source is found the way the tracing engine finds it
+(linecache) and the body is skipped; on leaving, the body's text, its first line
+number, the values it reads from the caller's scope and the sources of plain
+functions it calls are sent as one ``JobRequest``. Status and printed text stream
+back as server-sent events; the saved values are bound in the caller's scope.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import inspect
+import json
+import sys
+import textwrap
+import time
+import types
+
+from ..envoy import Envoy
+from ..sandbox.errors import SandboxError
+from ..tracing.capture import BodySkipper, SkipBlock, _find_with, _names, _parse_source
+from ..tracing.tracer import _PACKAGE_DIR, _bind
+from .schema import PROTOCOL_VERSION, TERMINAL
+from .serialize import SENDABLE_MODULES, Encoder, UnsupportedValue, decode_values
+
+
+class RemoteError(Exception):
+    """An error on the server whose type is not one of the allowed builtin or nnsight types."""
+
+
+class JobError(RemoteError):
+    """The server could not take or run the job (authentication, limits, crash, cancel)."""
+
+
+_ERROR_TYPES = {
+    name: getattr(builtins, name)
+    for name in (
+        "ArithmeticError AssertionError AttributeError IndexError KeyError LookupError NameError NotImplementedError "
+        "OverflowError RuntimeError StopIteration TypeError ValueError ZeroDivisionError UnboundLocalError "
+        "RecursionError MemoryError SyntaxError ImportError ModuleNotFoundError IndentationError FloatingPointError "
+        "TimeoutError"
+    ).split()
+}
+
+
+def _error_class(name):
+    if name in _ERROR_TYPES:
+        return _ERROR_TYPES[name]
+    if name == "SandboxError":
+        return SandboxError
+    if name == "UnsupportedValue":
+        return UnsupportedValue
+    from ..tracing import errors
+
+    if name in ("NNsightError", "OutOfOrderError", "MissedValueError", "NotInTraceError"):
+        return getattr(errors, name)
+    return RemoteError
+
+
+def raise_remote(info: dict, filename=None):
+    """Raise the exception a server reported, at the user's own line when it has one."""
+    cls = _error_class(info.get("type", ""))
+    message = str(info.get("message", ""))
+    frames = info.get("traceback") or []
+    if frames:
+        where = "".join(f"\n  remote: {f['filename']}, line {f['lineno']}, in {f['name']}: {f.get('line', '')}" for f in frames)
+        message += where
+    try:
+        error = cls(message)
+    except Exception:  # pragma: no cover
+        error = RemoteError(message)
+    if frames and filename and frames[-1]["filename"] == filename:
+        lineno = int(frames[-1]["lineno"])
+        code = compile("\n" * (lineno - 1) + "raise __nnsight_remote_error__", filename, "exec")
+        exec(code, {"__nnsight_remote_error__": error})
+    raise error
+
+
+# -- HTTP ---------------------------------------------------------------------------
+
+
+def _config():
+    from ..config import CONFIG
+
+    return CONFIG
+
+
+def _headers():
+    key = _config().API.APIKEY
+    headers = {"Accept": "application/json"}
+    if key:
+        headers["X-API-Key"] = key
+    return headers
+
+
+def _url(path):
+    host = _config().API.HOST.rstrip("/")
+    if "://" not in host:
+        host = "http://" + host
+    return host + path
+
+
+def _check(response, filename=None):
+    if response.status_code < 400:
+        return response
+    try:
+        body = response.json()
+    except ValueError:
+        body = {"detail": response.text[:500]}
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        raise_remote(body["error"], filename)
+    detail = body.get("detail") if isinstance(body, dict) else body
+    raise JobError(f"the server answered {response.status_code}: {detail}")
+
+
+def _session():
+    import requests
+
+    return requests
+
+
+def fetch_model(name: str):
+    """``(config, tokenizer)`` of a served model, for building it on the meta device."""
+    import tempfile
+
+    import transformers
+
+    http = _session()
+    timeout = _config().API.TIMEOUT
+    info = _check(http.get(_url(f"/v1/models/{name}"), headers=_headers(), timeout=timeout)).json()
+    config_dict = dict(info["config"])
+    model_type = config_dict.pop("model_type", None)
+    if not model_type:
+        raise JobError(f"the server's config for {name!r} has no model_type")
+    config = transformers.AutoConfig.for_model(model_type, **config_dict)
+    tokenizer = None
+    files = _check(http.get(_url(f"/v1/models/{name}/tokenizer"), headers=_headers(), timeout=timeout)).json()["files"]
+    if files:
+        folder = tempfile.mkdtemp(prefix="nnsight-remote-tokenizer-")
+        import os
+
+        for fname, text in files.items():
+            if fname != os.path.basename(fname) or fname.startswith("."):
+                continue
+            with open(os.path.join(folder, fname), "w", encoding="utf-8") as f:
+                f.write(text)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return config, tokenizer
+
+
+class RemoteJob:
+    """A submitted job: ``status()``, ``wait()`` (the saved values), ``cancel()``."""
+
+    def __init__(self, job_id, filename="<remote>", log=True):
+        self.id = job_id
+        self.filename = filename
+        self.log = log
+        self.stdout_seen = 0
+        self._values = None
+
+    def __repr__(self):
+        return f"RemoteJob({self.id!r})"
+
+    def status(self) -> dict:
+        http = _session()
+        return _check(http.get(_url(f"/v1/jobs/{self.id}"), headers=_headers(), timeout=_config().API.TIMEOUT)).json()
+
+    def cancel(self) -> dict:
+        http = _session()
+        return _check(http.delete(_url(f"/v1/jobs/{self.id}"), headers=_headers(), timeout=_config().API.TIMEOUT)).json()
+
+    def _say(self, status, position=None):
+        if self.log and _config().APP.REMOTE_LOGGING:
+            extra = f" (position {position})" if position is not None and status == "queued" else ""
+            print(f"[nnsight remote {self.id[:8]}] {status}{extra}", file=sys.stderr, flush=True)
+
+    def _finish(self, status, error):
+        if status == "completed":
+            return self.result()
+        if status == "error":
+            raise_remote(error or {"type": "RemoteError", "message": "the job failed"}, self.filename)
+        raise JobError(f"the job was {status}")
+
+    def wait(self, timeout=None) -> dict:
+        """Follow the job until it ends (printing its output); returns its saved values."""
+        if self._values is not None:
+            return self._values
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            final = self._stream(deadline)
+        except (OSError, ValueError, ImportError) as error:  # connection trouble: poll instead
+            if isinstance(error, (SandboxError,)):
+                raise
+            final = None
+        if final is None:
+            final = self._poll(deadline)
+        return self._finish(*final)
+
+    def _stream(self, deadline):
+        http = _session()
+        with http.get(_url(f"/v1/jobs/{self.id}/events"), headers=_headers(), stream=True,
+                      timeout=(_config().API.TIMEOUT, 30)) as response:
+            _check(response, self.filename)
+            kind = None
+            for raw in response.iter_lines(decode_unicode=True):
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {self.id} did not finish in time")
+                if raw is None:
+                    continue
+                if raw.startswith("event:"):
+                    kind = raw[6:].strip()
+                elif raw.startswith("data:"):
+                    data = json.loads(raw[5:])
+                    if kind == "log":
+                        text = str(data.get("text", ""))
+                        self.stdout_seen += len(text)
+                        sys.stdout.write(text)
+                        sys.stdout.flush()
+                    elif kind == "status":
+                        status = data.get("status")
+                        self._say(status, data.get("position"))
+                        if status in TERMINAL:
+                            return status, data.get("error")
+        return None
+
+    def _poll(self, deadline):
+        while True:
+            state = self.status()
+            out = state.get("stdout", "")
+            if len(out) > self.stdout_seen:
+                sys.stdout.write(out[self.stdout_seen:])
+                self.stdout_seen = len(out)
+            if state["status"] in TERMINAL:
+                self._say(state["status"])
+                return state["status"], state.get("error")
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} did not finish in time")
+            time.sleep(0.2)
+
+    def result(self) -> dict:
+        if self._values is None:
+            http = _session()
+            body = _check(http.get(_url(f"/v1/jobs/{self.id}/result"), headers=_headers(), timeout=_config().API.TIMEOUT)).json()
+            self._values = decode_values(body["values"], body.get("tensors"))
+        return self._values
+
+
+# -- the with-block ---------------------------------------------------------------------
+
+
+class RemoteBlock:
+    """``with model.trace/generate/session(..., remote=True) as tracer:`` (see module docstring).
+
+    After a non-blocking block (``blocking=False``), ``tracer.job`` is the ``RemoteJob``.
+    """
+
+    def __init__(self, model, kind, inputs=(), kwargs=None, blocking=True):
+        name = getattr(model, "_remote_name", None)
+        if not name:
+            raise NotImplementedError(
+                "remote execution needs a model the server serves by name: LanguageModel('name') "
+                "(or LanguageModel('name', remote=True) to build it from the server's config)"
+            )
+        self.model = model
+        self.model_name = name
+        self.kind = kind
+        self.inputs = inputs
+        self.kwargs = kwargs or {}
+        self.blocking = blocking
+        self.job = None
+        self._frame = None
+
+    def __enter__(self):
+        frame = sys._getframe(1)
+        while frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            frame = frame.f_back
+        filename = frame.f_code.co_filename
+        tree = _parse_source(filename, frame.f_globals)
+        node = _find_with(tree, frame.f_lineno, filename)
+        if len(node.items) != 1:
+            raise SyntaxError(f"{filename}:{node.lineno}: a remote block must be a single `with model.trace(...)` item")
+        target = node.items[0].optional_vars
+        if target is not None and not isinstance(target, ast.Name):
+            raise SyntaxError(f"{filename}:{node.lineno}: `as` must name one variable in a remote block")
+        self._node = node
+        self._filename = filename
+        self._frame = frame
+        self._trivial = all(
+            isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in node.body
+        )
+        self._skipper = None if self._trivial else BodySkipper(frame)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self._skipper is not None:
+            self._skipper.restore()
+        frame, self._frame = self._frame, None
+        if exc_type is not SkipBlock and not (exc_type is None and self._trivial):
+            return False
+        try:
+            request = self._request(frame)
+            self.job = self._submit(request)
+            if not self.blocking:
+                return True
+            values = self.job.wait()
+        except BaseException as error:
+            if isinstance(error.__context__, SkipBlock):
+                error.__suppress_context__ = True
+            raise
+        as_name = self._node.items[0].optional_vars
+        values.pop(as_name.id if as_name is not None else None, None)
+        _bind(frame, values)
+        return True
+
+    # -- building the request ---------------------------------------------------------
+
+    def _request(self, frame) -> dict:
+        import linecache
+
+        node = self._node
+        lines = linecache.getlines(self._filename, frame.f_globals)
+        first = node.body[0].lineno
+        body = "".join(lines[first - 1 : node.end_lineno])
+        functions = {}
+        root = self.model._root
+
+        def envoy_path(value):
+            if isinstance(value, Envoy):
+                if value._root is not root:
+                    raise UnsupportedValue("an envoy of another model cannot be sent")
+                return value._path
+            return None
+
+        def module_name(value):
+            if isinstance(value, types.ModuleType):
+                if value.__name__ in SENDABLE_MODULES:
+                    return value.__name__
+                raise UnsupportedValue(f"the module {value.__name__} is not available remotely (available: {', '.join(SENDABLE_MODULES)})")
+            return None
+
+        def function_name(value):
+            if isinstance(value, types.FunctionType):
+                return self._function(value, functions, encoder)
+            return None
+
+        encoder = Encoder(envoy_path=envoy_path, module_name=module_name, function_name=function_name)
+        inputs = [encoder.encode(v, f"input {i}") for i, v in enumerate(self.inputs)]
+        kwargs = {k: encoder.encode(v, f"keyword argument {k!r}") for k, v in self.kwargs.items()}
+        use = _names(node.body)
+        variables = {}
+        scope_locals = frame.f_locals
+        as_target = node.items[0].optional_vars
+        for name in sorted(use.loaded):
+            if as_target is not None and name == as_target.id:
+                continue  # bound to the server's own tracer there
+            if name in scope_locals:
+                value = scope_locals[name]
+            elif name in frame.f_globals:
+                value = frame.f_globals[name]
+            else:
+                continue  # a builtin, or a name the block binds itself
+            try:
+                variables[name] = encoder.encode(value, f"variable {name!r}")
+            except UnsupportedValue as error:
+                if name in use.assigned:
+                    continue  # the block binds it before use; the caller's value is not needed
+                raise UnsupportedValue(f"cannot send variable {name!r} to the server: {error}") from None
+        for name, value in list(encoder.pending_globals.items()) if hasattr(encoder, "pending_globals") else []:
+            variables.setdefault(name, value)
+        as_name = node.items[0].optional_vars
+        return {
+            "protocol": PROTOCOL_VERSION,
+            "model": self.model_name,
+            "kind": self.kind,
+            "source": body,
+            "body_lineno": first,
+            "filename": self._filename,
+            "as_name": as_name.id if as_name is not None else None,
+            "inputs": inputs,
+            "kwargs": kwargs,
+            "variables": variables,
+            "functions": list(functions.values()),
+            "tensors": encoder.blob(),
+        }
+
+    def _function(self, fn, functions, encoder):
+        name = fn.__name__
+        if name in functions:
+            return name
+        if name == "<lambda>":
+            raise UnsupportedValue("lambdas cannot be sent; define the function with `def`")
+        if fn.__code__.co_freevars:
+            raise UnsupportedValue(f"function {name!r} is a closure (uses {', '.join(fn.__code__.co_freevars)}); define it at module level")
+        try:
+            source = textwrap.dedent(inspect.getsource(fn))
+        except (OSError, TypeError):
+            raise UnsupportedValue(f"the source of function {name!r} cannot be found") from None
+        functions[name] = {"name": name, "source": source, "lineno": fn.__code__.co_firstlineno,
+                           "filename": fn.__code__.co_filename}
+        # globals the function reads travel as variables of the block
+        pending = getattr(encoder, "pending_globals", None)
+        if pending is None:
+            pending = encoder.pending_globals = {}
+        for ref in fn.__code__.co_names:
+            if ref in fn.__globals__ and ref not in pending:
+                value = fn.__globals__[ref]
+                try:
+                    pending[ref] = encoder.encode(value, f"global {ref!r} of function {name!r}")
+                except UnsupportedValue:
+                    continue  # attribute names also appear in co_names; a missing one fails remotely with NameError
+        return name
+
+    def _submit(self, request) -> RemoteJob:
+        http = _session()
+        response = http.post(_url("/v1/jobs"), json=request, headers=_headers(), timeout=_config().API.TIMEOUT)
+        status = _check(response, self._filename).json()
+        return RemoteJob(status["id"], self._filename)
+
+
+def remote_block(model, kind, inputs=(), kwargs=None, blocking=True) -> RemoteBlock:
+    if _IN_WORKER:
+        raise SandboxError("remote=True inside remote code is not allowed")
+    return RemoteBlock(model, kind, inputs, kwargs, blocking)
+
+
+_IN_WORKER = False

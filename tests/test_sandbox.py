@@ -1,0 +1,67 @@
+"""The sandbox in-process (no server): static checks, the restricted compiler through the engine, guards."""
+
+import pytest
+import torch
+
+pytest.importorskip("RestrictedPython")
+transformers = pytest.importorskip("transformers")
+
+from nnsight import LanguageModel  # noqa: E402
+from nnsight.sandbox import SandboxError  # noqa: E402
+from nnsight.sandbox.guards import Guards  # noqa: E402
+from nnsight.sandbox.policy import check_source  # noqa: E402
+from nnsight.sandbox.runner import forget, run_request  # noqa: E402
+from nnsight.remote.serialize import decode_values  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model(gpt2_module, gpt2_tokenizer):
+    return LanguageModel(gpt2_module, tokenizer=gpt2_tokenizer)
+
+
+def run(model, body, job="t", **extra):
+    req = {"source": body, "body_lineno": 2, "kind": "trace", "inputs": ["Hello world"], "filename": "u.py",
+           "variables": {"model": {"$t": "envoy", "path": "model"}, "torch": {"$t": "module", "name": "torch"}}, **extra}
+    try:
+        tree, blob = run_request(model, Guards(model), req, job, lambda s: None)
+    finally:
+        forget(job)
+    return decode_values(tree, blob)
+
+
+def test_result_matches_a_local_trace(model):
+    out = run(model, "    model.transformer.h[0].output[0][:] = 0\n    logits = model.lm_head.output.save()\n")
+    with model.trace("Hello world"):
+        model.transformer.h[0].output[0][:] = 0
+        logits = model.lm_head.output.save()
+    assert torch.equal(out["logits"], logits)
+
+
+@pytest.mark.parametrize("source", ["x.__class__", "import os", "eval('1')", "class A:\n    pass", "__nnsight_rt__"])
+def test_static_check_refuses(source):
+    with pytest.raises(SandboxError):
+        check_source(source)
+
+
+def test_engine_names_cannot_be_forged(model):
+    with pytest.raises(SandboxError, match="__nnsight_save__"):
+        run(model, "    __nnsight_save__(1)\n")
+
+
+def test_weights_unchanged_after_refused_writes(model):
+    before = model.lm_head.weight.detach().clone()
+    for body in ("    model.lm_head.weight[0] = 1\n", "    model.lm_head.weight.detach().zero_()\n",
+                 "    model.transformer.wte.weight.T[0] = 3\n"):
+        with pytest.raises(SandboxError):
+            run(model, body)
+    assert torch.equal(model.lm_head.weight, before)
+
+
+def test_linecache_and_engine_caches_are_released(model):
+    import linecache
+
+    from nnsight.tracing import capture
+
+    run(model, "    out = model.lm_head.output.save()\n", job="released")
+    assert not [k for k in linecache.cache if "released" in str(k)]
+    assert not [k for k in capture._blocks if "released" in k[0].co_filename]
