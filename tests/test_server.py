@@ -122,3 +122,23 @@ def test_openapi_fuzz_has_no_server_errors(server):
         check()
     assert not failures, failures
     assert server.alive()
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium package (CI installs it)")
+def test_status_page_in_headless_chromium(server, tmp_path):
+    import subprocess
+
+    shot = tmp_path / "status.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([_chromium(), *flags, "--dump-dom", server.url + "/"], capture_output=True, text=True, timeout=90)
+    assert "tiny-gpt2" in dom.stdout and "Queued jobs" in dom.stdout
+    assert "def " not in dom.stdout  # no job contents on the public page
+    subprocess.run([_chromium(), *flags, f"--screenshot={shot}", "--window-size=900,600", server.url + "/"],
+                   capture_output=True, timeout=90)
+    assert shot.exists() and shot.stat().st_size > 1000
