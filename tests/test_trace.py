@@ -265,3 +265,14 @@ def test_traces_in_two_threads():
     for t in threads:
         t.join()
     assert all(torch.equal(results[i], models[i]._module(x)) for i in range(2))
+
+
+def test_trace_under_inference_mode(seq):
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    with torch.inference_mode():
+        with model.trace(x):
+            model[0].output[:] = 0
+            again = model[0].output.save()
+            out = model.output.save()
+    assert torch.all(again == 0) and torch.allclose(out, seq[2](seq[1](torch.zeros(1, 10))))

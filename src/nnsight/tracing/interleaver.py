@@ -326,7 +326,8 @@ class Mediator:
         self.last = None  # Request last served, for error messages
         self.done = False
         self.served = 0
-        self.views = {}  # id(row view) -> (view, full tensor): gradients of an invoke's rows        self.deferred_error = None  # why this body was put off, see Interleaver._defer
+        self.views = {}  # id(row view) -> (view, full tensor): gradients of an invoke's rows
+        self.deferred_error = None  # why this body was put off, see Interleaver._defer
         self.deferred_for = None
 
     def restart(self):
