@@ -227,7 +227,6 @@ class VLLM(NNsight):
                 "the vLLM engine still has unfinished requests (started outside this trace); "
                 "let them finish before tracing"
             )
-        interleaver.__class__ = VLLMInterleaver
         interleaver.adopt(self)
         model, runner = self._module, self._runner
         logits_module, samples_module = self._logits_module, self._samples_module
@@ -328,7 +327,7 @@ class _StepLayout:
 class VLLMInterleaver(Interleaver):
     """Per-step rows: each invoke's rows move from one vLLM forward to the next.
 
-    A trace's ``Interleaver`` becomes one of these (class swap in ``VLLM._interleave``).
+    ``VLLMTracer`` runs its traces with one of these (``Tracer._interleaver_class``).
     At the start of every forward (``begin_step``) the rows of each invoke's requests are
     read from ``get_forward_context().attn_metadata[...].query_start_loc`` and the runner's
     request order; while logits are computed and sampled (``enter_request_phase``) rows
@@ -568,5 +567,7 @@ def _sampling_params(cls, defaults, own):
         raise _unsupported(f"n={params.n} samples per prompt", "write one invoke per sample instead")
     return params
 
+
+VLLMTracer._interleaver_class = VLLMInterleaver
 
 __all__ = ["VLLM", "VLLMTracer", "VLLMInterleaver"]

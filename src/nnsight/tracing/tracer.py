@@ -235,6 +235,8 @@ class BlockContext:
 class Tracer(BlockContext):
     """Runs one ``with`` block together with one run of the model (see module docstring)."""
 
+    _interleaver_class = Interleaver  # a backend with its own batching (vLLM) brings its own
+
     # Options of older nnsight versions that asked for extra shape checks; accepted and ignored.
     _LEGACY_OPTIONS = ("scan", "validate")
 
@@ -336,7 +338,7 @@ class Tracer(BlockContext):
             inv.rows = (offset, size)
             offset += size
         args, kwargs = model._batch(prepared, with_input)
-        interleaver = Interleaver(offset, model._module_order)
+        interleaver = self._interleaver_class(offset, model._module_order)
         interleaver.tracer = self
         single = len(with_input) == 1
         for edit in model._edits:  # persistent edits run first, over the whole batch
