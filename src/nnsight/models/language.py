@@ -129,30 +129,28 @@ class LanguageModel(NNsight):
         return self
 
     def trace(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> Tracer:
-        if remote:
-            from ..remote.client import remote_block
+        """A context that runs the model once on ``inputs`` with the block's code alongside."""
+        return self._context(Tracer, "trace", inputs, kwargs, remote, blocking)
 
-            return remote_block(self, "trace", inputs, kwargs, blocking)
-        self.dispatch()
-        input_kwargs, run_kwargs = _split(kwargs)
-        return Tracer(self, inputs, input_kwargs, run_kwargs)
+    def generate(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> GenerateTracer:
+        """A context that runs ``model.generate(...)`` with the block over every step."""
+        return self._context(GenerateTracer, "generate", inputs, kwargs, remote, blocking)
 
     def scan(self, *inputs, **kwargs):
         """Shapes without computation; does not load the weights."""
         from ..tracing.scan import ScanTracer
 
-        input_kwargs, run_kwargs = _split(kwargs)
-        return ScanTracer(self, inputs, input_kwargs, run_kwargs)
+        return self._context(ScanTracer, "scan", inputs, kwargs, remote=False, blocking=True, load=False)
 
-    def generate(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> GenerateTracer:
-        """A context that runs ``model.generate(...)`` with the block over every step."""
+    def _context(self, tracer_class, kind, inputs, kwargs, remote, blocking, load=True):
         if remote:
             from ..remote.client import remote_block
 
-            return remote_block(self, "generate", inputs, kwargs, blocking)
-        self.dispatch()
+            return remote_block(self, kind, inputs, kwargs, blocking)
+        if load:
+            self.dispatch()
         input_kwargs, run_kwargs = _split(kwargs)
-        return GenerateTracer(self, inputs, input_kwargs, run_kwargs)
+        return tracer_class(self, inputs, input_kwargs, run_kwargs)
 
     # -- inputs ----------------------------------------------------------------
 
