@@ -74,3 +74,31 @@ def test_attention_interface_output_as_in_the_readme(gpt2, gpt2_tokenizer):
     with model.trace("Hello"):
         attn_out = model.transformer.h[0].attn.source.attention_interface_0.output.save()
     assert isinstance(attn_out, tuple) and attn_out[0].shape[-1] == 8
+
+
+def _eager_gpt2():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64)
+    config._attn_implementation = "eager"
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+def test_source_recurses_into_the_called_function(gpt2_tokenizer):
+    model = LanguageModel(_eager_gpt2(), tokenizer=gpt2_tokenizer)
+    with model.trace("Hello world there"):
+        op = model.transformer.h[0].attn.source.attention_interface_0
+        probs = op.source.nn_functional_softmax_0.output.save()  # inside eager_attention_forward
+        weights = op.output[1].save()  # the same probabilities, as the function returns them
+    assert torch.allclose(probs, weights)
+    with model.trace("Hello world there"):
+        op = model.transformer.h[0].attn.source.attention_interface_0
+        op.source.nn_functional_softmax_0.output[:] = 0
+        attn = op.output[0].save()
+    assert torch.all(attn == 0)
+
+
+def test_unknown_operation_of_the_called_function(gpt2_tokenizer):
+    model = LanguageModel(_eager_gpt2(), tokenizer=gpt2_tokenizer)
+    with pytest.raises(AttributeError, match="torch_matmul_0"):
+        with model.trace("Hello"):
+            model.transformer.h[0].attn.source.attention_interface_0.source.no_such_0.output

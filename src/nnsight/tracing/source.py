@@ -82,12 +82,15 @@ class _Rewriter(ast.NodeTransformer):
 class SourceInfo:
     """The rewritten forward of one module class and the names of its operations."""
 
-    def __init__(self, cls):
-        function = inspect.unwrap(cls.forward)
+    def __init__(self, target):
+        function = inspect.unwrap(target.forward if isinstance(target, type) else target)
+        label = f"the forward of {target.__name__}" if isinstance(target, type) else f"{getattr(target, '__qualname__', target)!r}"
+        if isinstance(function, types.MethodType):
+            function = function.__func__
         try:
             lines, first = inspect.getsourcelines(function)
         except (OSError, TypeError) as error:
-            raise NNsightError(f"the forward of {cls.__name__} has no Python source to show ({error})") from None
+            raise NNsightError(f"{label} has no Python source to show ({error})") from None
         self.filename = inspect.getsourcefile(function) or "<unknown>"
         self.first_line = first
         self.lines = lines
@@ -95,7 +98,7 @@ class SourceInfo:
         ast.increment_lineno(tree, first - 1)
         fn = tree.body[0]
         if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            raise NNsightError(f"the forward of {cls.__name__} is not a plain function")
+            raise NNsightError(f"{label} is not a plain function")
         fn.decorator_list = []
         sites = _Sites()
         for stmt in fn.body:
@@ -127,8 +130,13 @@ class SourceInfo:
         module = ast.fix_missing_locations(ast.Module(body=[factory], type_ignores=[]))
         namespace = {}
         exec(compile(module, self.filename, "exec"), function.__globals__, namespace)
-        cells = [cell.cell_contents for cell in (function.__closure__ or ())]
-        self.forward = namespace["__nnsight_factory__"](_dispatch, *cells)
+        self.factory = namespace["__nnsight_factory__"]
+        self.cells = [cell.cell_contents for cell in (function.__closure__ or ())]
+        self.forward = self.factory(_dispatch, *self.cells)
+
+    def bind(self, dispatch):
+        """The rewritten function with its call sites going through ``dispatch`` (an operation's own)."""
+        return self.factory(dispatch, *self.cells)
 
     def listing(self, label):
         by_line: dict[int, list[str]] = {}
@@ -144,13 +152,15 @@ class SourceInfo:
         return "\n".join(out)
 
 
-_infos: dict[type, SourceInfo] = {}
+_infos: dict[object, SourceInfo] = {}
 
 
-def source_info(cls) -> SourceInfo:
-    info = _infos.get(cls)
+def source_info(target) -> SourceInfo:
+    """The rewritten forward of a module class, or the rewritten version of a function."""
+    key = target.__func__ if isinstance(target, types.MethodType) else target
+    info = _infos.get(key)
     if info is None:
-        info = _infos[cls] = SourceInfo(cls)
+        info = _infos[key] = SourceInfo(target)
     return info
 
 
@@ -167,12 +177,13 @@ def _dispatch(module, name, fn, *args, **kwargs):
 class OperationHook(ModuleHook):
     """Serves one call site of a rewritten forward, like a ModuleHook serves a module."""
 
-    __slots__ = ("name", "module_hook")
+    __slots__ = ("name", "module_hook", "parent_key")
 
-    def __init__(self, module, path, dotted, name):
+    def __init__(self, module, path, dotted, name, parent_key):
         super().__init__(module, path, dotted)
         self.name = name
         self.module_hook = None
+        self.parent_key = parent_key  # the module's hook key, or the enclosing operation's
 
     def install(self, interleaver, counts_steps=False):
         self.interleaver = interleaver
@@ -181,13 +192,14 @@ class OperationHook(ModuleHook):
         self.waiting = 0
         self.waiting_input = 0
         self.counts_steps = False
-        module_hook = interleaver.hooks[id(self.module)]
-        if module_hook.ops is None:
-            module_hook.ops = {}
-            # The rewritten forward runs for every later call of this module in this trace.
-            module_hook.original = types.MethodType(source_info(type(self.module)).forward, self.module)
-        module_hook.ops[self.name] = self
-        self.module_hook = module_hook
+        parent = interleaver.hooks[self.parent_key]
+        if parent.ops is None:
+            parent.ops = {}
+            if type(parent) is ModuleHook:
+                # The rewritten forward runs for every later call of this module in this trace.
+                parent.original = types.MethodType(source_info(type(self.module)).forward, self.module)
+        parent.ops[self.name] = self
+        self.module_hook = parent
         ModuleHook.installed += 1
 
     def remove(self):
@@ -198,26 +210,49 @@ class OperationHook(ModuleHook):
         self.observers = None
 
     def call(self, fn, args, kwargs):
+        if self.ops:  # operations inside the called function are in use: run its rewritten version
+            info = source_info(fn)
+            missing = [name for name in self.ops if name not in info.operations]
+            if missing:
+                raise AttributeError(
+                    f"{self.path}.source has no operation {missing[0]!r}; operations: " + ", ".join(info.operations)
+                )
+            rewritten = info.bind(self._dispatch_inner)
+            fn = types.MethodType(rewritten, fn.__self__) if isinstance(fn, types.MethodType) else rewritten
         self.original = fn
         return self(*args, **kwargs)
+
+    def _dispatch_inner(self, _first, name, fn, *args, **kwargs):
+        op = self.ops.get(name) if self.ops else None
+        if op is None or op.interleaver is None:
+            return fn(*args, **kwargs)
+        return op.call(fn, args, kwargs)
 
 
 class OperationEnvoy(ValueAccess):
     """``module.source.<op>``: one operation inside a module's forward."""
 
-    def __init__(self, module_envoy, name):
-        self._parent = module_envoy
+    def __init__(self, parent, name):
+        self._parent = parent  # the module's envoy, or the operation whose function this one is inside
         self._name = name
-        self._module = module_envoy._module
-        self._display = f"{module_envoy._display}.source.{name}"
-        self._path = f"{module_envoy._path}.source.{name}"
+        self._module = parent._module
+        self._display = f"{parent._display}.source.{name}"
+        self._path = f"{parent._path}.source.{name}"
         self._hook = None
 
     def _new_hook(self):
-        return OperationHook(self._module, self._display, self._path, self._name)
+        return OperationHook(self._module, self._display, self._path, self._name, self._parent._key())
 
     def _key(self):
-        return (id(self._module), self._name)
+        return (id(self._module), self._path)
+
+    @property
+    def source(self):
+        """Operations inside the function called here (known once the model calls it, inside a trace)."""
+        accessor = self.__dict__.get("_source")
+        if accessor is None:
+            accessor = self.__dict__["_source"] = CalledSourceAccessor(self)
+        return accessor
 
     def _mediator(self, what):
         mediator = current_mediator()
@@ -257,3 +292,29 @@ class SourceAccessor:
         return self._info.listing(f"{self._envoy._display}.source")
 
     __str__ = __repr__
+
+
+class CalledSourceAccessor:
+    """``op.source``: operations of the function an operation calls.
+
+    Which function that is may only be known when the model runs (``attention_interface``
+    is chosen at run time), so names are checked when the operation is called.
+    """
+
+    def __init__(self, op_envoy):
+        self._envoy = op_envoy
+        self._ops = {}
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        op = self._ops.get(name)
+        if op is None:
+            op = self._ops[name] = OperationEnvoy(self._envoy, name)
+        return op
+
+    def __repr__(self):
+        return (
+            f"{self._envoy._display}.source: the operations of the function called there are named when the "
+            "model calls it; use them inside a trace"
+        )
