@@ -60,7 +60,7 @@ class CacheEntry:
     @property
     def inputs(self):
         if self.calls and "inputs" not in self.calls[0]:
-            raise NNsightError(f"inputs were not recorded: use tracer.cache(include_inputs=True)")
+            raise NNsightError("inputs were not recorded: use tracer.cache(include_inputs=True)")
         return self._one("inputs")
 
     @property

@@ -33,7 +33,7 @@ import ast
 import copy
 import linecache
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 RT = "__nnsight_rt__"
 SAVE = "__nnsight_save__"
@@ -433,7 +433,6 @@ class Block:
     lineno: int
     shared_names: frozenset  # names bound by invoke bodies, which later invokes may read
     trivial: bool  # only `pass` / constants: Python may run it without a line event, so it is not skipped
-    source_lines: list[str] = field(repr=False, default_factory=list)
 
     def run(self, frame, runtime, save, assign):
         """Execute the eager part of the block; returns the function whose closure holds every name."""
@@ -702,12 +701,6 @@ def capture_block(frame) -> Block:
     block = Block(block_code, params, filename, node.lineno, shared_names, trivial)
     _blocks[key] = block
     return block
-
-
-def scope_cells(scope_fn) -> dict:
-    """``{name: cell}`` for every name of a block."""
-    closure = scope_fn.__closure__ or ()
-    return dict(zip(scope_fn.__code__.co_freevars, closure))
 
 
 def read_scope(scope_fn) -> dict:

@@ -20,7 +20,6 @@ microsecond where a thread hand-off through locks costs tens of microseconds.
 from __future__ import annotations
 
 import threading
-import warnings
 
 import greenlet
 import torch
@@ -794,13 +793,6 @@ def _runs_before(order, hook_a, hook_b) -> bool:
         return False
     return order is not None and order.get(a, -1) < order.get(b, -1)
 
-
-def warn_unreached(steps, reached):
-    warnings.warn(
-        f"tracer.iter: generation step(s) {steps} never ran (the model ran {reached} step(s)); "
-        "the code for those steps was skipped",
-        stacklevel=3,
-    )
 
 
 errors._WORKER_ENTRY = _Worker._loop.__code__
