@@ -45,7 +45,7 @@ pip_install --no-deps -e .
 # (the conversion is tested there); otherwise .venv-vllm does.
 if [ -z "${NNSIGHT_VLLM_MODEL:-}" ]; then
     for py in .venv/bin/python "$VPY"; do
-        if [ -x "$py" ] && dir=$("$py" -c "from nnsight.models.offline import smollm2_dir; print(smollm2_dir())" 2>/dev/null); then
+        if [ -x "$py" ] && dir=$("$py" -c "from nnsight.data.smollm2 import smollm2_dir; print(smollm2_dir())" 2>/dev/null); then
             export NNSIGHT_VLLM_MODEL="$dir"
             break
         fi

@@ -7,9 +7,9 @@
 """
 
 from .config import CONFIG
-from .envoy import Envoy
-from .models.base import NNsight
-from .models.language import LanguageModel
+from .tracing.envoy import Envoy
+from .modeling.base import NNsight
+from .modeling.language import LanguageModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 

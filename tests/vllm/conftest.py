@@ -27,7 +27,7 @@ def smollm2_path():
     path = os.environ.get("NNSIGHT_VLLM_MODEL")
     if path:
         return path
-    from nnsight.models.offline import smollm2_dir
+    from nnsight.data.smollm2 import smollm2_dir
 
     try:
         return str(smollm2_dir())

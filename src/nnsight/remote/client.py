@@ -22,7 +22,7 @@ import textwrap
 import time
 import types
 
-from ..envoy import Envoy
+from ..tracing.envoy import Envoy
 from ..sandbox.errors import SandboxError
 from ..tracing.capture import BodySkipper, SkipBlock, _find_with, _names, _parse_source
 from ..tracing.tracer import _PACKAGE_DIR, _bind

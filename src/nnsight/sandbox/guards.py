@@ -18,7 +18,7 @@ import operator
 import torch
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
-from ..envoy import Envoy
+from ..tracing.envoy import Envoy
 from .errors import SandboxError
 from .policy import ALLOWED_IMPORTS
 

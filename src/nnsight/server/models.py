@@ -31,7 +31,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
 def load(source: str):
     """A dispatched LanguageModel for ``source`` (weights loaded, eval mode)."""
 
-    from ..models.language import LanguageModel, _resolve
+    from ..modeling.language import LanguageModel, _resolve
 
     model = LanguageModel(source, dispatch=True)
     folder = Path(_resolve(source))

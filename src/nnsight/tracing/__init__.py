@@ -5,6 +5,8 @@ tracer       the block contexts: Tracer (one model run), invokes, iteration over
 interleaver  run invoke bodies in greenlets alongside the model; module hooks; errors for missed values
 batching     each invoke's rows of a batched value, and putting edits back
 backward     gradients inside ``with loss.backward():``
+envoy        the mirror of the module tree (``model.transformer.h[0]``), asking the interleaver for values
+values       ``.output`` / ``.input`` / ``.inputs``, shared by module and operation envoys
 source       operation-level access (``module.source.<op>``)
 cache        ``tracer.cache()``
 scan, editing, session   ``model.scan()``, ``model.edit()``, ``model.session()``

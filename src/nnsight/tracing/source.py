@@ -21,7 +21,7 @@ import inspect
 import textwrap
 import types
 
-from ..envoy import ValueAccess
+from .values import ValueAccess
 from .errors import NNsightError
 from .interleaver import ModuleHook, current_mediator
 

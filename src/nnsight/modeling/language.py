@@ -30,7 +30,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ..envoy import Envoy
+from ..tracing.envoy import Envoy
 from ..tracing.errors import NNsightError
 from ..tracing.interleaver import current_mediator
 from ..tracing.tracer import Tracer
@@ -305,7 +305,7 @@ def _rows_from_ids(ids, mask):
 
 
 def _resolve(name: str) -> str:
-    from .offline import SMOLLM2_NAME, smollm2_dir
+    from ..data.smollm2 import SMOLLM2_NAME, smollm2_dir
 
     if name == SMOLLM2_NAME:
         return str(smollm2_dir())

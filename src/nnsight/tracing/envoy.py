@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from .tracing.errors import NotInTraceError
-from .tracing.interleaver import current_mediator
+from .errors import NotInTraceError
+from .interleaver import current_mediator
+from .values import ValueAccess
 
 
 _repeat_cache: dict = {}
@@ -69,46 +70,6 @@ def _display(path: str) -> str:
     for part in parts[1:]:
         out += f"[{part}]" if part.isdigit() else f".{part}"
     return out
-
-
-class ValueAccess:
-    """``.output`` / ``.input`` / ``.inputs`` of whatever ``self`` stands for (a module, an operation).
-
-    Subclasses provide ``_mediator(what)``: the running invoke, or a clear error.
-    """
-
-    def _assign_lazily(self, kind, make_value):
-        if kind in ("output", "input", "inputs"):
-            self._mediator(kind).set(self, kind, make_value=make_value)
-        else:
-            setattr(self, kind, make_value())
-
-    @property
-    def output(self):
-        """The output for this invoke (waits until the model has produced it)."""
-        return self._mediator("output").get(self, "output")
-
-    @output.setter
-    def output(self, value):
-        self._mediator("output").set(self, "output", value)
-
-    @property
-    def input(self):
-        """The first positional argument of the call (or the first keyword argument)."""
-        return self._mediator("input").get(self, "input")
-
-    @input.setter
-    def input(self, value):
-        self._mediator("input").set(self, "input", value)
-
-    @property
-    def inputs(self):
-        """Every argument of the call, as ``(args_tuple, kwargs_dict)``."""
-        return self._mediator("inputs").get(self, "inputs")
-
-    @inputs.setter
-    def inputs(self, value):
-        self._mediator("inputs").set(self, "inputs", value)
 
 
 class Envoy(ValueAccess):
@@ -236,7 +197,7 @@ class Envoy(ValueAccess):
         return id(self._module)
 
     def _new_hook(self):
-        from .tracing.interleaver import ModuleHook
+        from .interleaver import ModuleHook
 
         hook = ModuleHook(self._module, self._display, self._path)
         hook.repeats = self._called_repeatedly()
@@ -253,7 +214,7 @@ class Envoy(ValueAccess):
         """The module's forward with every call site named; ``.source.<name>.output`` inside a trace."""
         accessor = self.__dict__.get("_source")
         if accessor is None:
-            from .tracing.source import SourceAccessor
+            from .source import SourceAccessor
 
             accessor = SourceAccessor(self)
             object.__setattr__(self, "_source", accessor)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ..envoy import Envoy
+from ..tracing.envoy import Envoy
 from ..tracing.batching import concatenate
 from ..tracing.errors import NNsightError
 from ..tracing.editing import EditTracer

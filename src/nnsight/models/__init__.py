@@ -1,1 +1,0 @@
-"""Model wrappers: ``NNsight`` for any module, ``LanguageModel`` for Hugging Face causal LMs."""
