@@ -308,32 +308,6 @@ def _lambda(body):
     )
 
 
-class _PeekRewriter(ast.NodeTransformer):
-    """In an assignment target's base, ``x.output`` -> ``__nnsight_rt__.peek(x, "output")``."""
-
-    def visit_Attribute(self, node):
-        self.generic_visit(node)
-        if node.attr in _VALUE_ATTRS and isinstance(node.ctx, ast.Load):
-            return ast.copy_location(
-                ast.Call(
-                    func=ast.Attribute(ast.Name(RT, ast.Load()), "peek", ast.Load()),
-                    args=[node.value, ast.Constant(node.attr)],
-                    keywords=[],
-                ),
-                node,
-            )
-        return node
-
-    def visit_Call(self, node):
-        # Only the chain itself (m.output[0]...), not values computed inside it.
-        node.func = self.visit(node.func)
-        return node
-
-    def visit_Subscript(self, node):
-        node.value = self.visit(node.value)
-        return node
-
-
 def _reads_value(expr) -> bool:
     """Whether ``expr`` (an assignment target's base) goes through ``.output``/``.input``/``.inputs``."""
     while isinstance(expr, (ast.Subscript, ast.Attribute, ast.Call)):
@@ -400,7 +374,7 @@ class _SaveRewriter(ast.NodeTransformer):
             )
             return ast.copy_location(ast.Expr(call), node)
         if isinstance(target, ast.Subscript) and _reads_value(target.value):
-            base = _PeekRewriter().visit(target.value)
+            base = target.value
             first = ast.copy_location(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=base), node)
             second = ast.copy_location(
                 ast.Assign(
@@ -432,9 +406,24 @@ class _SaveRewriter(ast.NodeTransformer):
         if _is_iter(node):
             item = node.items[0]
             target = item.optional_vars or ast.Name("__nnsight_step__", ast.Store())
-            loop = ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[])
-            return ast.copy_location(loop, node)
+            loop = ast.copy_location(ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[]), node)
+            return _ending_loop(loop)
         return node
+
+    def visit_For(self, node):
+        self.generic_visit(node)
+        if _call_attr(node.iter) in ("iter", "all"):
+            return _ending_loop(node)
+        return node
+
+
+def _ending_loop(loop: ast.For) -> ast.For:
+    """``for step in tracer.iter[...]:`` whose body ends the loop when the model makes no more calls."""
+    handler = ast.ExceptHandler(
+        type=ast.Attribute(ast.Name(RT, ast.Load()), "LoopEnd", ast.Load()), name=None, body=[ast.Break()]
+    )
+    loop.body = [ast.copy_location(ast.Try(body=loop.body, handlers=[handler], orelse=[], finalbody=[]), loop)]
+    return loop
 
 
 @dataclass
