@@ -164,12 +164,12 @@ class Envoy(ValueAccess):
     @property
     def source(self):
         """The module's forward with every call site named; ``.source.<name>.output`` inside a trace."""
-        accessor = self.__dict__.get("_source")
+        accessor = self.__dict__.get("_source_accessor")
         if accessor is None:
             from .source import SourceAccessor
 
             accessor = SourceAccessor(self)
-            object.__setattr__(self, "_source", accessor)
+            object.__setattr__(self, "_source_accessor", accessor)
         return accessor
 
     def _mediator(self, what: str):

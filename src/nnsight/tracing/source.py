@@ -277,9 +277,9 @@ class OperationEnvoy(ValueAccess):
     @property
     def source(self):
         """Operations inside the function called here (known once the model calls it, inside a trace)."""
-        accessor = self.__dict__.get("_source")
+        accessor = self.__dict__.get("_source_accessor")
         if accessor is None:
-            accessor = self.__dict__["_source"] = CalledSourceAccessor(self)
+            accessor = self.__dict__["_source_accessor"] = CalledSourceAccessor(self)
         return accessor
 
     def _mediator(self, what):

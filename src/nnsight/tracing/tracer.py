@@ -247,6 +247,10 @@ class BlockContext:
             _running.context = self.parent
         values = read_scope(scope)
         values.update(self._published)
+        if self.parent is not None:
+            # Inside a session every name stays visible to the code after this block, as if
+            # the session were one block; the session itself binds only what was saved.
+            return values
         return {name: value for name, value in values.items() if self._keeps(value)}
 
     def _execute(self, scope):
