@@ -381,8 +381,13 @@ class Mediator:
 
     def get(self, envoy, kind):
         """The value of ``envoy.<kind>`` for this invoke (see the module docstring for which call)."""
-        hook = self.interleaver.hook_for(envoy)
-        step, index = self._call_of(hook)
+        il = self.interleaver
+        hook = il.hook_for(envoy)
+        offset = self.offsets.get(hook, 0) if self.offsets else 0
+        if il.stepping:
+            step, index = self.step, offset
+        else:
+            step, index = 0, self.step + offset
         point = "output" if kind == "output" else "input"
         delivery = self.current
         if delivery is not None and delivery.hook is hook and delivery.index == index and delivery.step == step:
@@ -579,8 +584,11 @@ class Interleaver:
             # the only modules that can be running when a later request comes are
             # ancestors of this one; hooking them now, before any of them starts, keeps
             # every later request for them servable.
-            if envoy._parent is not None:
-                self.hook_for(envoy._parent)
+            parent = envoy._parent
+            while parent is not None and _never_runs(parent._module):
+                parent = parent._parent  # a ModuleList / ModuleDict holds modules but is never called
+            if parent is not None:
+                self.hook_for(parent)
             hook = envoy._hook
             # None yet, in use by another trace, or made for a module the envoy no longer wraps
             # (a lazily loaded model replaces its meta modules with real ones).
@@ -783,6 +791,11 @@ class Interleaver:
         for mediator in self.mediators:
             mediator.kill()
         self.remove_hooks()
+
+
+def _never_runs(module) -> bool:
+    """A container without a forward of its own (calling it raises), so it is never running."""
+    return type(module).forward is torch.nn.Module.forward and "forward" not in module.__dict__
 
 
 def _runs_before(order, hook_a, hook_b) -> bool:

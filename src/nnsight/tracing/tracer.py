@@ -25,6 +25,8 @@ import sys
 import threading
 import warnings
 
+import torch
+
 from .capture import SkipBlock, bind, capture, read_scope
 from .errors import NNsightError, user_traceback
 from .interleaver import Interleaver, LoopEnd, ResultRequest, StepRequest, current_mediator
@@ -295,7 +297,7 @@ class BlockContext:
             mediator.set_grad(tensor, make_value)
 
     def _save(self, value, *args, **kwargs):
-        if args or kwargs or hasattr(type(value), "save"):
+        if type(value) is not torch.Tensor and (args or kwargs or hasattr(type(value), "save")):
             return value.save(*args, **kwargs)
         _mark_saved(value, self)
         return value
