@@ -77,3 +77,28 @@ def _no_leaked_hooks():
 
     yield
     assert ModuleHook.installed == 0, f"{ModuleHook.installed} nnsight hook(s) left on modules"
+
+
+def _lora(base, folder, seed):
+    """A random (non-identity) LoRA on GPT-2's attention and MLP projections, saved by peft."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False,
+        lora_dropout=0.0,
+    )
+    peft.get_peft_model(base, config).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def lora_dirs(tmp_path_factory):
+    """Two different saved LoRA adapters for the tiny GPT-2 (``_gpt2()``)."""
+    root = tmp_path_factory.mktemp("lora")
+    return _lora(_gpt2(), root / "a", 1), _lora(_gpt2(), root / "b", 2)
+
+
+@pytest.fixture
+def fresh_gpt2():
+    """A new tiny GPT-2 (same weights as ``gpt2_module``) for tests that change its modules."""
+    return _gpt2()
