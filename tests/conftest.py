@@ -102,3 +102,53 @@ def lora_dirs(tmp_path_factory):
 def fresh_gpt2():
     """A new tiny GPT-2 (same weights as ``gpt2_module``) for tests that change its modules."""
     return _gpt2()
+
+
+def _clip_tokenizer_files(folder):
+    """A tiny CLIP BPE tokenizer written offline: single letters, a few merges, the special tokens."""
+    import json
+    import string
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokens = ["<|startoftext|>", "<|endoftext|>", "!"] + list(string.ascii_lowercase)
+    tokens += [c + "</w>" for c in string.ascii_lowercase] + ["ca", "cat</w>", "do", "dog</w>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\nc a\nca t</w>\nd o\ndo g</w>\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd_pipeline(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline (UNet2DConditionModel, CLIP text encoder, VAE, DDIM)."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    folder = _clip_tokenizer_files(tmp_path_factory.mktemp("clip-tokenizer"))
+    tokenizer = transformers.CLIPTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=8, pad_token="!"
+    )
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=8, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    ))
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+    )
+    scheduler = diffusers.DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1,
+    )
+    pipeline = diffusers.StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return pipeline

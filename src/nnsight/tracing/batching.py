@@ -46,8 +46,10 @@ def _segments(tensor, rows):
 def _rebuild(value, items):
     """A container of the same type as ``value`` holding ``items``."""
     if isinstance(value, dict):
-        if hasattr(value, "__dataclass_fields__"):  # transformers' ModelOutput
-            return type(value)(**items)
+        if hasattr(value, "__dataclass_fields__"):  # transformers' ModelOutput, diffusers' BaseOutput
+            # Both leave None fields out of their items; diffusers' fields have no defaults.
+            missing = {f: getattr(value, f) for f in value.__dataclass_fields__ if f not in items}
+            return type(value)(**items, **missing)
         rebuilt = type(value)() if type(value) is not dict else {}
         rebuilt.update(items)
         return rebuilt
