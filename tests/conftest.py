@@ -152,3 +152,97 @@ def sd_pipeline(tmp_path_factory):
     for module in (unet, vae, text_encoder):
         module.eval()
     return pipeline
+
+
+def _tokenizer_with(tokens):
+    """The fixture GPT-2 tokenizer plus ``tokens`` as special tokens (a fresh copy each time)."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.GPT2TokenizerFast.from_pretrained(str(FIXTURES / "gpt2-tokenizer"))
+    tok.add_tokens(list(tokens), special_tokens=True)
+    return tok
+
+
+def _image_processor(name):
+    """``transformers.<name>``, preferring its PIL variant (no torchvision needed)."""
+    transformers = pytest.importorskip("transformers")
+    return getattr(transformers, name + "Pil", None) or getattr(transformers, name)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava():
+    """``(model, processor)``: a random LLaVA (CLIP vision tower, 2-layer Llama) and its offline processor.
+
+    16x16 images in 8x8 patches: each image is 4 ``<image>`` tokens.
+    """
+    transformers = pytest.importorskip("transformers")
+    tok = _tokenizer_with(["<image>"])
+    processor = transformers.LlavaProcessor(
+        image_processor=_image_processor("CLIPImageProcessor")(
+            size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}
+        ),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    torch.manual_seed(0)
+    config = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(
+            hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=16,
+            patch_size=8,
+        ),
+        text_config=transformers.LlamaConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=len(tok), max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        ),
+        image_token_id=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default",
+        vision_feature_layer=-1, projector_hidden_act="gelu", image_seq_length=4,
+    )
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl():
+    """``(model, processor)``: a random Qwen2-VL (2-block vision transformer, 2-layer LM) and its processor.
+
+    56x56 images: 16 patches of 14x14, merged 2x2 into 4 ``<|image_pad|>`` tokens.
+    """
+    transformers = pytest.importorskip("transformers")
+    names = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok = _tokenizer_with(names)
+    ids = {name: tok.convert_tokens_to_ids(name) for name in names}
+
+    class Processor(transformers.Qwen2VLProcessor):
+        # transformers 5.24 cannot check a missing video processor's class without torchvision.
+        def check_argument_for_proper_class(self, name, value):
+            return None if value is None else super().check_argument_for_proper_class(name, value)
+
+    processor = Processor(
+        image_processor=_image_processor("Qwen2VLImageProcessor")(
+            min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2
+        ),
+        tokenizer=tok, video_processor=None,
+    )
+    torch.manual_seed(0)
+    config = transformers.Qwen2VLConfig(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=len(tok), max_position_embeddings=128, bos_token_id=0, eos_token_id=0,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]},
+        ),
+        vision_config=dict(
+            depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
+            temporal_patch_size=2, in_channels=3,
+        ),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    model = transformers.Qwen2VLForConditionalGeneration(config).eval()
+    return model, processor
+
+
+def random_image(seed, size):
+    """A PIL image of random pixels, ``size`` x ``size``."""
+    import numpy
+    from PIL import Image
+
+    pixels = numpy.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=numpy.uint8)
+    return Image.fromarray(pixels)
