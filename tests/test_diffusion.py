@@ -157,3 +157,12 @@ def test_bad_input_is_named(sd_pipeline):
             pass
     with pytest.raises(TypeError, match="DiffusionPipeline"):
         DiffusionModel(torch.nn.Linear(2, 2))
+
+
+def test_loads_a_saved_pipeline_from_a_folder(sd_pipeline, tmp_path):
+    sd_pipeline.save_pretrained(tmp_path)
+    model = DiffusionModel(str(tmp_path))
+    model.pipeline.set_progress_bar_config(disable=True)
+    with model.generate("a cat", num_inference_steps=STEPS, seed=0, output_type="latent"):
+        latents = model.output.images.save()
+    torch.testing.assert_close(latents, _plain(sd_pipeline, ["a cat"], [0]))

@@ -167,3 +167,16 @@ def test_an_invoke_with_two_images_keeps_both(tiny_llava):
     torch.testing.assert_close(pair, seen_pair["p"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single, seen_single["p"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(single_logits[:, -expected.shape[1]:], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_loads_from_a_folder_lazily(tiny_llava, tmp_path):
+    hf_model, processor = tiny_llava
+    hf_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model = VisionLanguageModel(str(tmp_path))
+    assert next(model._module.parameters()).is_meta  # nothing loaded until the first trace
+    image = random_image(7, 16)
+    with model.trace("<image> hi", images=[image]):
+        logits = model.lm_head.output.save()
+    expected, _ = _plain(hf_model, processor, "<image> hi", [image], {})
+    torch.testing.assert_close(logits, expected)
