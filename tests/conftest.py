@@ -246,3 +246,23 @@ def random_image(seed, size):
 
     pixels = numpy.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=numpy.uint8)
     return Image.fromarray(pixels)
+
+
+def run_readme_example(heading, replacements, scope, folder):
+    """Run the first python block under README heading ``## <heading>``, with ``replacements`` applied.
+
+    Each replacement must match, so an edited README cannot silently stop being tested. The
+    block runs from a file (trace blocks are read from their source file); returns its globals.
+    """
+    import re
+    import runpy
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    for old, new in replacements.items():
+        assert old in code, f"README section {heading!r} no longer contains {old!r}"
+        code = code.replace(old, new)
+    script = folder / "readme_example.py"
+    script.write_text(code)
+    return runpy.run_path(str(script), init_globals=scope)

@@ -166,3 +166,17 @@ def test_loads_a_saved_pipeline_from_a_folder(sd_pipeline, tmp_path):
     with model.generate("a cat", num_inference_steps=STEPS, seed=0, output_type="latent"):
         latents = model.output.images.save()
     torch.testing.assert_close(latents, _plain(sd_pipeline, ["a cat"], [0]))
+
+
+def test_readme_example_runs(sd_pipeline, tmp_path):
+    from PIL import Image
+
+    from conftest import run_readme_example
+
+    scope = run_readme_example(
+        "Diffusion models", {'DiffusionModel("segmind/tiny-sd")': "DiffusionModel(pipeline)"},
+        {"pipeline": sd_pipeline}, tmp_path,
+    )
+    assert isinstance(scope["image"], Image.Image)
+    assert scope["last_noise"].shape == (2, 4, 8, 8) and scope["cat_noise"].shape == (2, 4, 8, 8)
+    assert len(scope["dog"].images) == 1

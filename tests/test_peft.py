@@ -142,3 +142,20 @@ def test_bad_requests_name_the_problem_and_leave_the_model(adapted, tmp_path):
     with pytest.raises(NNsightError, match="no adapters loaded"):
         with plain.trace(PROMPT if plain.tokenizer else [1, 2, 3], adapter="default"):
             plain.lm_head.output.save()
+
+
+def test_readme_example_runs(fresh_gpt2, gpt2_tokenizer, lora_dirs, gpt2_module, tmp_path):
+    from conftest import run_readme_example
+
+    scope = run_readme_example("Adapters (PEFT)", {
+        'LanguageModel("openai-community/gpt2", peft="out/lora")': "LanguageModel(base, tokenizer=tok, peft=lora)",
+        '"out/other"': "other",
+        "print(": "(",
+    }, {"base": fresh_gpt2, "tok": gpt2_tokenizer, "lora": lora_dirs[0], "other": lora_dirs[1]}, tmp_path)
+    model = scope["model"]
+    assert model.adapters == [] and scope["low_rank"].shape == (1, 1, 4)
+    with torch.no_grad():
+        expected_first = _reference(lora_dirs[0])(**gpt2_tokenizer("Hello", return_tensors="pt")).logits
+        base = gpt2_module(**gpt2_tokenizer("Hello", return_tensors="pt")).logits
+    torch.testing.assert_close(scope["first"], expected_first)
+    torch.testing.assert_close(scope["base"], base)

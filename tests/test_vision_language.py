@@ -180,3 +180,19 @@ def test_loads_from_a_folder_lazily(tiny_llava, tmp_path):
         logits = model.lm_head.output.save()
     expected, _ = _plain(hf_model, processor, "<image> hi", [image], {})
     torch.testing.assert_close(logits, expected)
+
+
+def test_readme_example_runs(tiny_llava, tmp_path):
+    from conftest import run_readme_example
+
+    hf_model, processor = tiny_llava
+    scope = run_readme_example("Vision-language models", {
+        'VisionLanguageModel("llava-hf/llava-interleave-qwen-0.5b-hf")': "VisionLanguageModel(hf_model, processor=p)",
+        "print(": "(",
+    }, {"hf_model": hf_model, "p": processor}, tmp_path)
+    prompt_length = processor(text=[scope["prompt"]], images=[scope["red"]], return_tensors="pt")["input_ids"].shape[1]
+    assert scope["features"].shape == (1, 4, 32) and scope["tokens"].shape == (1, prompt_length + 3)
+    # The patched blue forward is the red forward from layer 0 on: same logits as red alone.
+    with scope["model"].trace(scope["prompt"], images=[scope["red"]]):
+        red_logits = scope["model"].lm_head.output.save()
+    torch.testing.assert_close(scope["patched"], red_logits, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ Options:
     unload_adapter(name=None)   remove one adapter (default: all of them)
     adapters             the names of the loaded adapters
     active_adapter       what runs when a trace names none (a name, a list, or None)
-    trace/generate/scan(..., adapter=...)   a name, a list of names, or None (the base model),
+    trace/generate(..., adapter=...)   a name, a list of names, or None (the base model),
                          for that run only; the model's own setting is back afterwards
 
 Each adapted module becomes peft's layer holding the original as ``base_layer``, so
