@@ -196,3 +196,21 @@ def test_readme_example_runs(tiny_llava, tmp_path):
     with scope["model"].trace(scope["prompt"], images=[scope["red"]]):
         red_logits = scope["model"].lm_head.output.save()
     torch.testing.assert_close(scope["patched"], red_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_pixels_follow_the_model_dtype(tiny_llava):
+    import copy
+
+    hf_model, processor = tiny_llava
+    half = copy.deepcopy(hf_model).to(torch.bfloat16)
+    model = VisionLanguageModel(half, processor=processor)
+    image = random_image(8, 16)
+    with model.trace("<image> hi", images=[image]):
+        pixels = model.vision_tower.input.save()
+        logits = model.lm_head.output.save()
+    encoding = processor(text=["<image> hi"], images=[image], return_tensors="pt")
+    encoding["pixel_values"] = encoding["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        expected = half(**encoding).logits
+    assert pixels.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, expected)

@@ -186,9 +186,12 @@ class VisionLanguageModel(LanguageModel):
                 padded.append(fill + values if self.padding_side == "left" else values + fill)
             batch[key] = torch.tensor(padded, device=device)
         stacked = [k for k in dict.fromkeys(k for extra in extras for k, v in extra.items() if not v.get("aligned"))]
+        dtype = getattr(self._module, "dtype", None)
         for key in stacked:
-            parts = [extra[key]["value"] for extra in extras if key in extra]
-            batch[key] = torch.cat(parts).to(device)
+            value = torch.cat([extra[key]["value"] for extra in extras if key in extra]).to(device)
+            if value.is_floating_point() and isinstance(dtype, torch.dtype):
+                value = value.to(dtype)  # processors give float32 pixels whatever the model's dtype
+            batch[key] = value
         if len(invokers) > 1:
             self._give_image_rows(invokers, prepared, extras, batch)
         return (), batch
