@@ -161,7 +161,7 @@ def test_bad_input_is_named(sd_pipeline):
 
 def test_loads_a_saved_pipeline_from_a_folder(sd_pipeline, tmp_path):
     sd_pipeline.save_pretrained(tmp_path)
-    model = DiffusionModel(str(tmp_path))
+    model = DiffusionModel(str(tmp_path), dispatch=True)  # 0.8.1 scripts pass dispatch=
     model.pipeline.set_progress_bar_config(disable=True)
     with model.generate("a cat", num_inference_steps=STEPS, seed=0, output_type="latent"):
         latents = model.output.images.save()

@@ -15,6 +15,7 @@
 Options of ``DiffusionModel(...)``:
     pipeline        a ``diffusers.DiffusionPipeline``, or a repo id / local folder to load one from
     automodel       the diffusers class to load with (default ``DiffusionPipeline``)
+    dispatch        accepted for 0.8.1 scripts; a pipeline is always loaded at once
     **kwargs        passed to ``from_pretrained`` (torch_dtype, variant, ...)
 
 Options of ``generate(*prompts, **kwargs)`` / ``trace(...)``:
@@ -91,7 +92,7 @@ class DiffusionTracer(Tracer):
 class DiffusionModel(NNsight):
     """A diffusers pipeline behind the nnsight API (see module docstring)."""
 
-    def __init__(self, pipeline, automodel=None, **kwargs):
+    def __init__(self, pipeline, automodel=None, dispatch: bool = True, **kwargs):
         diffusers = import_diffusers()
         if isinstance(pipeline, (str, bytes)) or hasattr(pipeline, "__fspath__"):
             loader = automodel or diffusers.DiffusionPipeline

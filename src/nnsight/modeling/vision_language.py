@@ -91,7 +91,7 @@ class VisionLanguageModel(LanguageModel):
             return found
 
     def _alias(self, name):
-        for candidate in _ALIASES.get(name, (name,)):
+        for candidate in _ALIASES.get(name, ()):
             for container in _CONTAINERS:
                 module = self._module
                 for part in (container + candidate).split("."):
