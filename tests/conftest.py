@@ -266,3 +266,31 @@ def run_readme_example(heading, replacements, scope, folder):
     script = folder / "readme_example.py"
     script.write_text(code)
     return runpy.run_path(str(script), init_globals=scope)
+
+
+@pytest.fixture(scope="session")
+def pixart_pipeline():
+    """A tiny random PixArt-alpha pipeline: a transformer denoiser (not a UNet), T5 text encoder."""
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    tok = _tokenizer_with([])
+    tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    text_encoder = transformers.T5EncoderModel(transformers.T5Config(
+        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=tok.pad_token_id,
+    ))
+    transformer = diffusers.PixArtTransformer2DModel(
+        sample_size=8, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=4, caption_channels=32,
+        in_channels=4, out_channels=8, cross_attention_dim=32, norm_type="ada_norm_single", norm_num_groups=32,
+        use_additional_conditions=False,
+    )
+    vae = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+    )
+    pipeline = diffusers.PixArtAlphaPipeline(
+        tokenizer=tok, text_encoder=text_encoder.eval(), vae=vae.eval(), transformer=transformer.eval(),
+        scheduler=diffusers.DDIMScheduler(),
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -180,3 +180,30 @@ def test_readme_example_runs(sd_pipeline, tmp_path):
     assert isinstance(scope["image"], Image.Image)
     assert scope["last_noise"].shape == (2, 4, 8, 8) and scope["cat_noise"].shape == (2, 4, 8, 8)
     assert len(scope["dog"].images) == 1
+
+
+PIXART = dict(height=16, width=16, max_sequence_length=8, use_resolution_binning=False, clean_caption=False,
+              output_type="latent")
+
+
+def test_a_transformer_denoiser_steps_and_batches(pixart_pipeline):
+    model = DiffusionModel(pixart_pipeline)
+    with model.generate(num_inference_steps=2, **PIXART) as tracer:
+        with tracer.invoke("a cat", seed=0):
+            cat_blocks = []
+            with tracer.iter[:]:
+                cat_blocks.append(model.transformer.transformer_blocks[1].output.save())
+        with tracer.invoke("a dog", seed=1):
+            dog = model.output.images.save()
+    block = pixart_pipeline.transformer.transformer_blocks[1]
+    recorded = []
+    handle = block.register_forward_hook(lambda m, i, o: recorded.append(o))
+    try:
+        pixart_pipeline("a cat", num_inference_steps=2, generator=_generators([0]), **PIXART)
+    finally:
+        handle.remove()
+    solo_dog = pixart_pipeline("a dog", num_inference_steps=2, generator=_generators([1]), **PIXART).images
+    assert len(cat_blocks) == 2 and cat_blocks[0].shape[0] == 2  # its unconditional and conditional rows
+    for ours, theirs in zip(cat_blocks, recorded):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dog, solo_dog, atol=1e-4, rtol=1e-4)
