@@ -294,3 +294,25 @@ def pixart_pipeline():
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+# Test files get these helpers as fixtures: `from conftest import ...` would reach whichever
+# conftest module pytest imported last (tests/vllm has its own).
+
+
+@pytest.fixture(scope="session")
+def make_gpt2():
+    """``make_gpt2()``: a new tiny GPT-2 with the same weights as ``gpt2_module``."""
+    return _gpt2
+
+
+@pytest.fixture(scope="session")
+def make_image():
+    """``make_image(seed, size)``: a PIL image of random pixels."""
+    return random_image
+
+
+@pytest.fixture(scope="session")
+def readme_example():
+    """``readme_example(heading, replacements, scope, folder)``: run that README block (see run_readme_example)."""
+    return run_readme_example

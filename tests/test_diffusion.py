@@ -168,12 +168,10 @@ def test_loads_a_saved_pipeline_from_a_folder(sd_pipeline, tmp_path):
     torch.testing.assert_close(latents, _plain(sd_pipeline, ["a cat"], [0]))
 
 
-def test_readme_example_runs(sd_pipeline, tmp_path):
+def test_readme_example_runs(sd_pipeline, tmp_path, readme_example):
     from PIL import Image
 
-    from conftest import run_readme_example
-
-    scope = run_readme_example(
+    scope = readme_example(
         "Diffusion models", {'DiffusionModel("segmind/tiny-sd")': "DiffusionModel(pipeline)"},
         {"pipeline": sd_pipeline}, tmp_path,
     )

@@ -5,7 +5,6 @@ import torch
 
 pytest.importorskip("PIL")
 
-from conftest import random_image  # noqa: E402
 from nnsight import NNsightError, VisionLanguageModel, save  # noqa: E402
 
 # (fixture, prompt with one image, image size, a vision-tower layer under model.vision_tower)
@@ -43,9 +42,9 @@ def _plain(hf_model, processor, prompt, images, watch, patch=None):
     return logits, recorded
 
 
-def test_saved_values_equal_plain_hooks(family):
+def test_saved_values_equal_plain_hooks(family, make_image):
     model, hf_model, processor, prompt, size, layer = family
-    image = random_image(0, size)
+    image = make_image(0, size)
     with model.trace(prompt, images=[image]):
         vision = model.vision_tower.get(layer).output.save()
         projected = model.multi_modal_projector.output.save()
@@ -57,13 +56,13 @@ def test_saved_values_equal_plain_hooks(family):
     torch.testing.assert_close(projected, seen["p"])
     torch.testing.assert_close(hidden, seen["h"])
     torch.testing.assert_close(logits, expected)
-    other, _ = _plain(hf_model, processor, prompt, [random_image(1, size)], {})
+    other, _ = _plain(hf_model, processor, prompt, [make_image(1, size)], {})
     assert not torch.allclose(other, expected)  # the image really reaches the output
 
 
-def test_each_invoke_sees_only_its_own_rows_and_images(family):
+def test_each_invoke_sees_only_its_own_rows_and_images(family, make_image):
     model, hf_model, processor, prompt, size, layer = family
-    image_a, image_b = random_image(0, size), random_image(1, size)
+    image_a, image_b = make_image(0, size), make_image(1, size)
     prompt_b = prompt + " Answer in a few more words"
     with model.trace() as tracer:
         with tracer.invoke(prompt, images=[image_a]):
@@ -86,9 +85,9 @@ def test_each_invoke_sees_only_its_own_rows_and_images(family):
         torch.testing.assert_close(logits[:, -expected.shape[1]:], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_patching_image_tokens_from_one_invoke_into_another(family):
+def test_patching_image_tokens_from_one_invoke_into_another(family, make_image):
     model, hf_model, processor, prompt, size, layer = family
-    image_a, image_b = random_image(0, size), random_image(1, size)
+    image_a, image_b = make_image(0, size), make_image(1, size)
     ids = processor(text=[prompt], images=[image_a], return_tensors="pt")["input_ids"][0]
     image_positions = (ids == hf_model.config.image_token_id).nonzero().flatten()
     assert len(image_positions) == 4
@@ -112,9 +111,9 @@ def test_patching_image_tokens_from_one_invoke_into_another(family):
     assert not torch.allclose(patched, untouched, atol=1e-4)
 
 
-def test_generate_with_images_matches_plain_generate(family):
+def test_generate_with_images_matches_plain_generate(family, make_image):
     model, hf_model, processor, prompt, size, layer = family
-    image = random_image(2, size)
+    image = make_image(2, size)
     with model.generate(text=prompt, images=[image], max_new_tokens=3, do_sample=False) as tracer:
         steps = save([])
         with tracer.iter[:]:
@@ -127,19 +126,19 @@ def test_generate_with_images_matches_plain_generate(family):
     assert steps == [encoding["input_ids"].shape[1], 1, 1]  # the prompt with its image, then one token a step
 
 
-def test_a_processor_output_is_an_input(family):
+def test_a_processor_output_is_an_input(family, make_image):
     model, hf_model, processor, prompt, size, layer = family
-    encoding = processor(text=[prompt], images=[random_image(3, size)], return_tensors="pt")
+    encoding = processor(text=[prompt], images=[make_image(3, size)], return_tensors="pt")
     with model.trace(encoding):
         logits = model.lm_head.output.save()
     with torch.no_grad():
         torch.testing.assert_close(logits, hf_model(**encoding).logits)
 
 
-def test_image_count_mismatch_is_named(tiny_llava):
+def test_image_count_mismatch_is_named(tiny_llava, make_image):
     hf_model, processor = tiny_llava
     model = VisionLanguageModel(hf_model, processor=processor)
-    image = random_image(0, 16)
+    image = make_image(0, 16)
     with pytest.raises(NNsightError, match="image token"):
         with model.trace(["<image> one", "<image> two"], images=[image]):
             model.lm_head.output.save()
@@ -150,10 +149,10 @@ def test_image_count_mismatch_is_named(tiny_llava):
         model.vision_towers
 
 
-def test_an_invoke_with_two_images_keeps_both(tiny_llava):
+def test_an_invoke_with_two_images_keeps_both(tiny_llava, make_image):
     hf_model, processor = tiny_llava
     model = VisionLanguageModel(hf_model, processor=processor)
-    first, second, third = (random_image(seed, 16) for seed in (4, 5, 6))
+    first, second, third = (make_image(seed, 16) for seed in (4, 5, 6))
     with model.trace() as tracer:
         with tracer.invoke("<image><image> Which differs?", images=[first, second]):
             pair = model.multi_modal_projector.output.save()
@@ -169,24 +168,22 @@ def test_an_invoke_with_two_images_keeps_both(tiny_llava):
     torch.testing.assert_close(single_logits[:, -expected.shape[1]:], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_loads_from_a_folder_lazily(tiny_llava, tmp_path):
+def test_loads_from_a_folder_lazily(tiny_llava, tmp_path, make_image):
     hf_model, processor = tiny_llava
     hf_model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     model = VisionLanguageModel(str(tmp_path))
     assert next(model._module.parameters()).is_meta  # nothing loaded until the first trace
-    image = random_image(7, 16)
+    image = make_image(7, 16)
     with model.trace("<image> hi", images=[image]):
         logits = model.lm_head.output.save()
     expected, _ = _plain(hf_model, processor, "<image> hi", [image], {})
     torch.testing.assert_close(logits, expected)
 
 
-def test_readme_example_runs(tiny_llava, tmp_path):
-    from conftest import run_readme_example
-
+def test_readme_example_runs(tiny_llava, tmp_path, readme_example):
     hf_model, processor = tiny_llava
-    scope = run_readme_example("Vision-language models", {
+    scope = readme_example("Vision-language models", {
         'VisionLanguageModel("llava-hf/llava-interleave-qwen-0.5b-hf")': "VisionLanguageModel(hf_model, processor=p)",
         "print(": "(",
     }, {"hf_model": hf_model, "p": processor}, tmp_path)
@@ -198,13 +195,13 @@ def test_readme_example_runs(tiny_llava, tmp_path):
     torch.testing.assert_close(scope["patched"], red_logits, atol=1e-5, rtol=1e-5)
 
 
-def test_pixels_follow_the_model_dtype(tiny_llava):
+def test_pixels_follow_the_model_dtype(tiny_llava, make_image):
     import copy
 
     hf_model, processor = tiny_llava
     half = copy.deepcopy(hf_model).to(torch.bfloat16)
     model = VisionLanguageModel(half, processor=processor)
-    image = random_image(8, 16)
+    image = make_image(8, 16)
     with model.trace("<image> hi", images=[image]):
         pixels = model.vision_tower.input.save()
         logits = model.lm_head.output.save()
