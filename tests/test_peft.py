@@ -158,3 +158,22 @@ def test_readme_example_runs(fresh_gpt2, gpt2_tokenizer, lora_dirs, gpt2_module,
         base = gpt2_module(**gpt2_tokenizer("Hello", return_tensors="pt")).logits
     torch.testing.assert_close(scope["first"], expected_first)
     torch.testing.assert_close(scope["base"], base)
+
+
+def test_disabling_and_enabling_between_traces(adapted, gpt2_tokenizer, lora_dirs, reference, gpt2_module):
+    def logits():
+        with adapted.trace(PROMPT):
+            out = adapted.lm_head.output.save()
+        return out
+
+    with torch.no_grad():
+        base = gpt2_module(**_ids(gpt2_tokenizer)).logits
+        expected = reference(lora_dirs[0])(**_ids(gpt2_tokenizer)).logits
+    adapted.disable_adapters()
+    torch.testing.assert_close(logits(), base)
+    assert adapted.active_adapter is None
+    adapted.enable_adapters()
+    torch.testing.assert_close(logits(), expected)
+    with adapted.disable_adapter():
+        torch.testing.assert_close(logits(), base)
+    torch.testing.assert_close(logits(), expected)

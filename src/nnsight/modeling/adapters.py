@@ -18,6 +18,8 @@ Options:
                          adapter (0.8.1's form).
     set_adapter(name)    make loaded adapter(s) active for later traces (a name, a list, or None
                          for none)
+    disable_adapters() / enable_adapters()   the base model for later traces, and back
+    with model.disable_adapter():   the base model for the traces inside the block
     unload_adapter(name=None)   remove one adapter (default: all of them)
     adapters             the names of the loaded adapters
     active_adapter       what runs when a trace names none (a name, a list, or None)
@@ -236,6 +238,25 @@ class AdapterMixin:
         import_peft()
         activate(self._module, choice)
         return self
+
+    def disable_adapters(self):
+        """Run the base model in later traces, until ``enable_adapters()`` (transformers' names)."""
+        import_peft()
+        for layer in _tuner_layers(self._module):
+            layer.enable_adapters(False)
+        return self
+
+    def enable_adapters(self):
+        """Undo ``disable_adapters()``: the active adapter(s) run again."""
+        import_peft()
+        for layer in _tuner_layers(self._module):
+            layer.enable_adapters(True)
+        return self
+
+    def disable_adapter(self):
+        """``with model.disable_adapter():`` traces in the block run the base model (peft's name)."""
+        import_peft()
+        return adapter_scope(self._module, None)
 
     def unload_adapter(self, adapter_name: str | None = None):
         """Remove one adapter, or every adapter (default); modules get their originals back."""
