@@ -211,3 +211,19 @@ def test_pixels_follow_the_model_dtype(tiny_llava, make_image):
         expected = half(**encoding).logits
     assert pixels.dtype == torch.bfloat16
     torch.testing.assert_close(logits, expected)
+
+
+def test_batched_generation_with_images_matches_each_solo_generate(family, make_image):
+    model, hf_model, processor, prompt, size, layer = family
+    long_prompt = prompt + " Answer in a few more words"
+    image_a, image_b = make_image(9, size), make_image(10, size)
+    with model.generate(max_new_tokens=3, do_sample=False) as tracer:
+        with tracer.invoke(prompt, images=[image_a]):
+            short = model.generator.output.save()
+        with tracer.invoke(long_prompt, images=[image_b]):
+            long = model.generator.output.save()
+    for tokens, text, image in ((short, prompt, image_a), (long, long_prompt, image_b)):
+        encoding = processor(text=[text], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            expected = hf_model.generate(**encoding, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert tokens[:, -expected.shape[1]:].tolist() == expected.tolist()
