@@ -205,3 +205,19 @@ def test_a_transformer_denoiser_steps_and_batches(pixart_pipeline):
     for ours, theirs in zip(cat_blocks, recorded):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(dog, solo_dog, atol=1e-4, rtol=1e-4)
+
+
+def test_each_invoke_gets_its_own_pil_images(sd_pipeline):
+    import numpy
+
+    model = DiffusionModel(sd_pipeline)
+    with model.generate(num_inference_steps=2) as tracer:
+        with tracer.invoke("a cat", seed=0):
+            cat = model.output.save()
+        with tracer.invoke(["a dog", "a cat"], seed=3):
+            pair = tracer.result.save()
+    solo = sd_pipeline(["a dog", "a cat"], num_inference_steps=2, generator=_generators([3, 4])).images
+    assert len(cat.images) == 1 and len(pair.images) == 2
+    for ours, theirs in zip(pair.images, solo):
+        difference = numpy.abs(numpy.asarray(ours, dtype=int) - numpy.asarray(theirs, dtype=int))
+        assert difference.max() <= 1  # batched float rounding may move a pixel by one level

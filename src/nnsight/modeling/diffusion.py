@@ -27,8 +27,8 @@ Options of ``generate(*prompts, **kwargs)`` / ``trace(...)``:
     ``trace`` is ``generate`` with ``num_inference_steps=1`` unless given.
 
 Steps: step ``k`` is the ``k``-th denoising step; the prompt encoding belongs to step 0
-and the final decode (``model.vae``) to the last step. ``model.output`` is the pipeline's
-output for this invoke's prompts, available anywhere in the block. Each invoke sees its
+and the final decode (``model.vae``) to the last step. ``model.output`` (and ``tracer.result``)
+is the pipeline's output for this invoke's prompts, available anywhere in the block. Each invoke sees its
 own rows of every batched tensor, including both halves of a classifier-free-guidance
 batch (unconditional rows first, as the pipeline lays them out).
 """
@@ -82,6 +82,12 @@ class DiffusionTracer(Tracer):
         self.images_per_prompt = images
         self.seed = run_kwargs.get("seed")
 
+    @property
+    def result(self):
+        """Inside the block: the pipeline's output for this invoke (as ``model.output``); after it: all of it."""
+        mediator = current_mediator()
+        return self._result if mediator is None else _invoke_result(mediator)
+
     def _run(self, interleaver, args, kwargs):
         model = self.model
         options = {k: v for k, v in self._run_kwargs.items() if k != "seed"}
@@ -133,12 +139,7 @@ class DiffusionModel(NNsight):
         mediator = current_mediator()
         if mediator is None:
             raise NNsightError("model.output is only available inside `with model.generate(...)` / `model.trace(...)`")
-        result = mediator.wait_for_result()
-        if mediator.rows is None:
-            return result
-        start, size = mediator.rows
-        images = mediator.interleaver.tracer.images_per_prompt
-        return _rows_of(result, start * images, size * images)
+        return _invoke_result(mediator)
 
     @output.setter
     def output(self, value):
@@ -220,6 +221,16 @@ class DiffusionModel(NNsight):
             return self._module(**call)
         finally:
             handle.remove()
+
+
+def _invoke_result(mediator):
+    """The pipeline's output cut to ``mediator``'s prompts: engine-cut tensors, and its share of image lists."""
+    result = mediator.wait_for_result()
+    if mediator.rows is None:
+        return result
+    start, size = mediator.rows
+    images = mediator.interleaver.tracer.images_per_prompt
+    return _rows_of(result, start * images, size * images)
 
 
 def _rows_of(result, start, size):
