@@ -130,20 +130,33 @@ def test_seed_reproduces_and_the_image_is_pil(sd_pipeline):
     assert not numpy.array_equal(numpy.asarray(images[0]), numpy.asarray(images[2]))
 
 
-def test_trace_is_one_step_and_the_decode_is_in_the_last_step(sd_pipeline):
+def test_trace_is_one_step_and_the_decode_is_read_as_its_first_call(sd_pipeline):
     model = DiffusionModel(sd_pipeline)
     calls = []
     handle = sd_pipeline.unet.register_forward_hook(lambda m, i, o: calls.append(1))
     try:
         with model.trace("a cat", seed=0):
-            decoded = model.vae.decoder.output.save()
+            decoded_once = model.vae.decoder.output.save()
     finally:
         handle.remove()
-    assert len(calls) == 1 and decoded.shape == (1, 3, 16, 16)
-    with model.generate("a cat", num_inference_steps=2, seed=0) as tracer:
-        with tracer.iter[1]:
-            decoded_last = model.vae.decoder.output.save()
-    assert decoded_last.shape == (1, 3, 16, 16)
+    assert len(calls) == 1 and decoded_once.shape == (1, 3, 16, 16)
+    with model.generate("a cat", num_inference_steps=STEPS, seed=0) as tracer:
+        with tracer.iter[STEPS - 1]:
+            last_noise = model.unet.output[0].save()
+        decoded = model.vae.decoder.output.save()   # after the loop: its first (only) call again
+    recorded = {}
+    hooks = [
+        (sd_pipeline.vae.decoder, lambda m, i, o: recorded.setdefault("decoded", o)),
+        (sd_pipeline.unet, lambda m, i, o: recorded.__setitem__("noise", o[0])),
+    ]
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        sd_pipeline("a cat", num_inference_steps=STEPS, generator=_generators([0]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    torch.testing.assert_close(decoded, recorded["decoded"])
+    torch.testing.assert_close(last_noise, recorded["noise"])
 
 
 def test_bad_input_is_named(sd_pipeline):

@@ -26,16 +26,16 @@ Options of ``generate(*prompts, **kwargs)`` / ``trace(...)``:
                     output_type, num_images_per_prompt, negative_prompt, generator, ...)
     ``trace`` is ``generate`` with ``num_inference_steps=1`` unless given.
 
-Steps: step ``k`` is the ``k``-th denoising step; the prompt encoding belongs to step 0
-and the final decode (``model.vae``) to the last step. ``model.output`` (and ``tracer.result``)
-is the pipeline's output for this invoke's prompts, available anywhere in the block. Each invoke sees its
+Steps: the pipeline runs once, and iteration ``k`` (``tracer.iter[k]``) is each module's
+``k``-th call in it: the denoiser's ``k``-th denoising step (for pipelines that call it once
+per step), while the decode (``model.vae``) is read as its first call. ``model.output`` (and
+``tracer.result``) is the pipeline's output for this invoke's prompts, available anywhere in
+the block. Each invoke sees its
 own rows of every batched tensor, including both halves of a classifier-free-guidance
 batch (unconditional rows first, as the pipeline lays them out).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 
@@ -92,7 +92,8 @@ class DiffusionTracer(Tracer):
         model = self.model
         options = {k: v for k, v in self._run_kwargs.items() if k != "seed"}
         call = {**kwargs, **options}
-        return interleaver.run(lambda: model._denoise(call, interleaver.begin_step))  # step 0 begins in run()
+        # One run of the pipeline: iteration k (tracer.iter[k]) is each module's k-th call in it.
+        return interleaver.run(lambda: model._run_pipeline(call))
 
 
 class DiffusionModel(NNsight):
@@ -109,13 +110,8 @@ class DiffusionModel(NNsight):
             raise TypeError(f"DiffusionModel got loading options {sorted(kwargs)} for an already built pipeline")
         if not isinstance(pipeline, diffusers.DiffusionPipeline):
             raise TypeError(f"DiffusionModel wraps a diffusers DiffusionPipeline, not {type(pipeline).__name__}")
-        denoiser = next((name for name in ("unet", "transformer", "prior") if name in pipeline.components), None)
-        if denoiser is None or not isinstance(pipeline.components[denoiser], torch.nn.Module):
-            raise NNsightError(f"{type(pipeline).__name__} has no unet or transformer component to count steps by")
         super().__init__(PipelineModule(pipeline))
         object.__setattr__(self, "pipeline", pipeline)
-        object.__setattr__(self, "_denoiser", denoiser)
-        object.__setattr__(self, "_has_step_callback", "callback_on_step_end" in inspect.signature(pipeline.__call__).parameters)
 
     def generate(self, *prompts, remote: bool = False, blocking: bool = True, **kwargs) -> DiffusionTracer:
         """A context that runs the whole pipeline, the block alongside every denoising step."""
@@ -191,36 +187,8 @@ class DiffusionModel(NNsight):
 
     # -- running -----------------------------------------------------------------
 
-    def _denoise(self, call, begin_step):
-        """Run the pipeline (step 0 has begun); each later denoising step begins a new trace step.
-
-        With ``callback_on_step_end`` a step ends when the pipeline says so, so a pipeline
-        calling its denoiser twice per step (separate guidance passes) still counts one
-        step; without it every denoiser call after the first is a new step.
-        """
-        state = {"ended": False, "calls": 0}
-        if self._has_step_callback:
-            theirs = call.get("callback_on_step_end")
-
-            def on_step_end(pipe, i, t, tensors):
-                out = theirs(pipe, i, t, tensors) if theirs is not None else tensors
-                state["ended"] = True
-                return out
-
-            call = {**call, "callback_on_step_end": on_step_end}
-
-        def before_denoiser(module, args, kwargs):
-            if state["ended"] or (not self._has_step_callback and state["calls"]):
-                begin_step()
-            state["ended"] = False
-            state["calls"] += 1
-
-        denoiser = self.pipeline.components[self._denoiser]
-        handle = denoiser.register_forward_pre_hook(before_denoiser, with_kwargs=True)
-        try:
-            return self._module(**call)
-        finally:
-            handle.remove()
+    def _run_pipeline(self, call):
+        return self._module(**call)
 
 
 def _invoke_result(mediator):
