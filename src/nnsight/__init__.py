@@ -10,6 +10,8 @@ from .config import CONFIG
 from .tracing.envoy import Envoy
 from .modeling.base import NNsight
 from .modeling.language import LanguageModel
+from .modeling.diffusion import DiffusionModel
+from .modeling.vision_language import VisionLanguageModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 
@@ -19,6 +21,8 @@ __all__ = [
     "NNsight",
     "CONFIG",
     "LanguageModel",
+    "DiffusionModel",
+    "VisionLanguageModel",
     "Envoy",
     "save",
     "NNsightError",

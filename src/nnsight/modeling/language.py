@@ -17,6 +17,8 @@ Options:
     dispatch        load the weights now (default: on the first trace; until then the
                     model lives on the meta device, so printing and scanning are instant)
     padding_side    "left" (default) or "right": where invokes of different lengths are padded
+    peft            a saved PEFT adapter folder to attach (loads the weights now); see
+                    ``nnsight.modeling.adapters`` for ``load_adapter`` and ``adapter=``
     **kwargs        passed to ``from_pretrained`` (device_map, dtype/torch_dtype, revision, ...)
 
 Padding never changes results: every batch gets an attention mask and position
@@ -34,6 +36,7 @@ from ..tracing.envoy import Envoy
 from ..tracing.errors import NNsightError
 from ..tracing.interleaver import current_mediator
 from ..tracing.tracer import Tracer
+from .adapters import AdapterMixin, with_adapter_option
 from .base import NNsight
 
 _INPUT_KEYS = ("input_ids", "attention_mask")
@@ -47,7 +50,7 @@ class GenerateTracer(Tracer):
         return interleaver.run(lambda: model._generate(args, kwargs, self._run_kwargs), steps_from=model)
 
 
-class LanguageModel(NNsight):
+class LanguageModel(AdapterMixin, NNsight):
     """A Hugging Face causal LM behind the nnsight API (see module docstring)."""
 
     def __init__(
@@ -58,6 +61,7 @@ class LanguageModel(NNsight):
         dispatch: bool = False,
         padding_side: str = "left",
         remote: bool = False,
+        peft=None,
         **kwargs,
     ):
         import transformers
@@ -105,6 +109,8 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "padding_side", padding_side)
         object.__setattr__(self, "generator", GeneratorEnvoy())
         object.__setattr__(self, "_takes_position_ids", None)
+        if peft is not None:
+            self.load_adapter(peft)
 
     @property
     def config(self):
@@ -232,6 +238,7 @@ class LanguageModel(NNsight):
 
     # -- running -----------------------------------------------------------------
 
+    @with_adapter_option
     def _run(self, args, kwargs):
         if self._takes_position_ids is None:
             takes = "position_ids" in inspect.signature(self._module.forward).parameters
@@ -249,6 +256,7 @@ class LanguageModel(NNsight):
             kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         return args, kwargs
 
+    @with_adapter_option
     def _generate(self, args, kwargs, run_kwargs):
         run_kwargs = dict(run_kwargs)
         if getattr(self.config, "pad_token_id", None) is None and "pad_token_id" not in run_kwargs:
