@@ -62,6 +62,24 @@ def gpt2(gpt2_module):
     return gpt2_module
 
 
+def _block_hidden(output):
+    """A decoder block's hidden states: a GPT-2 block returns a tuple under transformers 4.x, the tensor under 5.x."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@pytest.fixture(scope="session")
+def block_hidden():
+    """``block_hidden(model.transformer.h[0].output)``: the hidden states under either transformers line."""
+    return _block_hidden
+
+
+@pytest.fixture(scope="session")
+def transformers_major():
+    """4 or 5. Under 4.x GPT-2 blocks return tuples, so ``h[i].output[0]`` is the hidden states; under 5.x, batch row 0."""
+    transformers = pytest.importorskip("transformers")
+    return int(transformers.__version__.split(".")[0])
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
     transformers = pytest.importorskip("transformers")
