@@ -80,12 +80,24 @@ def transformers_major():
     return int(transformers.__version__.split(".")[0])
 
 
+def _load_gpt2_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2TokenizerFast.from_pretrained(str(FIXTURES / "gpt2-tokenizer"))
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    folder = FIXTURES / "gpt2-tokenizer"
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(folder))
+    """Shared by many tests, so set up once as for batched generation: left padding (what a
+    tokenizer LanguageModel loads itself gets). Tests that change it use ``fresh_gpt2_tokenizer``."""
+    tok = _load_gpt2_tokenizer()
+    tok.padding_side = "left"
     return tok
+
+
+@pytest.fixture
+def fresh_gpt2_tokenizer():
+    """A GPT-2 tokenizer of this test's own, as Hugging Face loads it (right padding, no pad token)."""
+    return _load_gpt2_tokenizer()
 
 
 @pytest.fixture(autouse=True)

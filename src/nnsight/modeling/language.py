@@ -13,10 +13,12 @@
 Options:
     model           a repo id / local folder, "smollm2-135m", or a built ``PreTrainedModel``
     tokenizer       a tokenizer to use (never modified); default: loaded beside the model
+                    and set to left padding (its pad token, if missing, is its eos token)
     automodel       the auto class used to load (default ``AutoModelForCausalLM``)
     dispatch        load the weights now (default: on the first trace; until then the
                     model lives on the meta device, so printing and scanning are instant)
-    padding_side    "left" (default) or "right": where invokes of different lengths are padded
+    padding_side    "left" or "right": where invokes of different lengths are padded, over
+                    the tokenizer's own ``padding_side`` (which decides when this is not given)
     **kwargs        passed to ``from_pretrained`` (device_map, dtype/torch_dtype, revision, ...)
 
 Padding never changes results: every batch gets an attention mask and position
@@ -56,14 +58,13 @@ class LanguageModel(NNsight):
         tokenizer=None,
         automodel=None,
         dispatch: bool = False,
-        padding_side: str = "left",
+        padding_side: str | None = None,
         remote: bool = False,
         **kwargs,
     ):
         import transformers
 
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        _check_side(padding_side)
         automodel = automodel or transformers.AutoModelForCausalLM
         if isinstance(automodel, str):
             automodel = getattr(transformers, automodel)
@@ -75,7 +76,8 @@ class LanguageModel(NNsight):
             config, served_tokenizer = fetch_model(model)
             with torch.device("meta"):
                 module = automodel.from_config(config)
-            tokenizer = tokenizer if tokenizer is not None else served_tokenizer
+            if tokenizer is None and served_tokenizer is not None:
+                tokenizer = _own_tokenizer(served_tokenizer, padding_side)
             dispatch = False
         elif isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             source = _resolve(str(model))
@@ -83,6 +85,7 @@ class LanguageModel(NNsight):
                 tokenizer = transformers.AutoTokenizer.from_pretrained(
                     source, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
                 )
+                tokenizer = _own_tokenizer(tokenizer, padding_side)
             if dispatch:
                 module = automodel.from_pretrained(source, **kwargs)
             else:
@@ -97,12 +100,12 @@ class LanguageModel(NNsight):
         module.eval()
         _warn_block_outputs(transformers.__version__)
         object.__setattr__(self, "tokenizer", tokenizer)
-        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_weights", source)
         object.__setattr__(self, "_automodel", automodel)
         object.__setattr__(self, "_load_kwargs", kwargs)
         object.__setattr__(self, "_dispatched", (source is None and not remote) or dispatch)
         object.__setattr__(self, "_remote_name", str(model) if isinstance(model, (str, bytes)) else None)
-        object.__setattr__(self, "padding_side", padding_side)
+        object.__setattr__(self, "_padding_option", padding_side)
         object.__setattr__(self, "generator", GeneratorEnvoy())
         object.__setattr__(self, "_takes_position_ids", None)
 
@@ -110,18 +113,30 @@ class LanguageModel(NNsight):
     def config(self):
         return self._module.config
 
+    @property
+    def padding_side(self) -> str:
+        """Where invokes of different lengths are padded: the ``padding_side=`` option, else the tokenizer's."""
+        if self._padding_option is not None:
+            return self._padding_option
+        return getattr(self.tokenizer, "padding_side", None) or "left"
+
+    @padding_side.setter
+    def padding_side(self, side):
+        _check_side(side)
+        object.__setattr__(self, "_padding_option", side)
+
     # -- loading ---------------------------------------------------------------
 
     def dispatch(self):
         """Load the real weights now (normally done by the first trace or generate)."""
         if self._dispatched:
             return self
-        if self._source is None:
+        if self._weights is None:
             raise NNsightError(
                 "this LanguageModel was built from a server's config (remote=True) and has no local weights: "
                 "use remote=True on trace/generate/session"
             )
-        real = self._automodel.from_pretrained(self._source, **self._load_kwargs)
+        real = self._automodel.from_pretrained(self._weights, **self._load_kwargs)
         real.eval()
         _rebind(self, real)
         object.__setattr__(self, "_dispatched", True)
@@ -192,13 +207,21 @@ class LanguageModel(NNsight):
 
     def _batch(self, prepared, invokers):
         rows = [row for (row_list,), _ in prepared for row in row_list]
-        kwargs = prepared[0][1]
+        kwargs = _shared_kwargs([kw for _, kw in prepared])
         width = max(len(ids) for ids, _ in rows)
-        pad = self._pad_id()
+        pad = None
+        if any(len(ids) != width for ids, _ in rows):
+            pad = self._pad_id()
+            if pad is None:
+                raise NNsightError(
+                    "these inputs have different lengths and must be padded, but neither the tokenizer nor the "
+                    "model config names a pad or eos token: set model.tokenizer.pad_token (or pass equal-length inputs)"
+                )
+        side = self.padding_side
         all_ids, all_masks = [], []
         for ids, mask in rows:
             fill = width - len(ids)
-            if self.padding_side == "left":
+            if side == "left":
                 all_ids.append([pad] * fill + ids)
                 all_masks.append([0] * fill + mask)
             else:
@@ -222,7 +245,7 @@ class LanguageModel(NNsight):
                 candidate = candidate[0] if candidate else None
             if candidate is not None:
                 return int(candidate)
-        return 0
+        return None
 
     def _device(self):
         for param in self._module.parameters():
@@ -252,7 +275,9 @@ class LanguageModel(NNsight):
     def _generate(self, args, kwargs, run_kwargs):
         run_kwargs = dict(run_kwargs)
         if getattr(self.config, "pad_token_id", None) is None and "pad_token_id" not in run_kwargs:
-            run_kwargs["pad_token_id"] = self._pad_id()
+            pad = self._pad_id()
+            if pad is not None:  # otherwise generate's own rule (and warning) applies
+                run_kwargs["pad_token_id"] = pad
         return self._module.generate(*args, **kwargs, **run_kwargs)
 
 
@@ -282,6 +307,54 @@ def _warn_block_outputs(version: str):
             "states (as it did under 4.x and in nnsight's README). Use `.output` directly.",
             stacklevel=3,
         )
+
+
+def _check_side(side):
+    if side is not None and side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+
+
+def _own_tokenizer(tokenizer, padding_side):
+    """A tokenizer LanguageModel loaded itself: pads on the left unless told otherwise, and has a pad token."""
+    tokenizer.padding_side = padding_side or "left"
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _shared_kwargs(per_invoke):
+    """The keyword arguments every invoke passes; they apply to the whole batch, so they must agree."""
+    first = per_invoke[0]
+    for number, kwargs in enumerate(per_invoke[1:], start=2):
+        if kwargs.keys() != first.keys():
+            raise NNsightError(
+                f"invoke {number} passes keyword arguments {sorted(kwargs)} but invoke 1 passes {sorted(first)}: "
+                "a LanguageModel runs all invokes as one batch, so every invoke must pass the same ones"
+            )
+        for key, value in kwargs.items():
+            if not _same(value, first[key]):
+                raise NNsightError(
+                    f"invoke {number} passes {key}={_short(value)} but invoke 1 passes {key}={_short(first[key])}: "
+                    "a LanguageModel runs all invokes as one batch, so keyword arguments must agree "
+                    "(pass it once, to the trace)"
+                )
+    return first
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # objects whose == is not a truth value
+        return a is b
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor of shape {tuple(value.shape)}>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _split(kwargs):
