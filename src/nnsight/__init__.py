@@ -10,6 +10,7 @@ from .config import CONFIG
 from .tracing.envoy import Envoy
 from .modeling.base import NNsight
 from .modeling.language import LanguageModel
+from .modeling.transformers import TransformersModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 
@@ -19,6 +20,7 @@ __all__ = [
     "NNsight",
     "CONFIG",
     "LanguageModel",
+    "TransformersModel",
     "Envoy",
     "save",
     "NNsightError",

@@ -19,7 +19,13 @@ Options:
                     model lives on the meta device, so printing and scanning are instant)
     padding_side    "left" or "right": where invokes of different lengths are padded, over
                     the tokenizer's own ``padding_side`` (which decides when this is not given)
-    **kwargs        passed to ``from_pretrained`` (device_map, dtype/torch_dtype, revision, ...)
+    tokenizer_kwargs  passed to ``AutoTokenizer.from_pretrained`` (set as attributes on a
+                    tokenizer you pass in, as nnsight 0.8.1 does)
+    rename, envoys  module aliases and envoy classes (see ``NNsight``)
+    **kwargs        passed to ``from_pretrained`` (device_map, dtype/torch_dtype, revision,
+                    attn_implementation, trust_remote_code, ...); the ones that decide the
+                    module tree (trust_remote_code, attn_implementation, dtype, revision) also
+                    reach the config, the tokenizer and the meta build
 
 Padding never changes results: every batch gets an attention mask and position
 ids counted from each row's first real token.
@@ -39,6 +45,11 @@ from ..tracing.tracer import Tracer
 from .base import NNsight
 
 _INPUT_KEYS = ("input_ids", "attention_mask")
+# Loading options that also reach the config and the tokenizer (they choose the code and files).
+_HUB_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+# Options that decide which modules the meta build has (device_map and the like mean nothing on meta).
+_META_KWARGS = ("trust_remote_code", "attn_implementation", "torch_dtype", "dtype")
+_DEFAULT = object()
 
 
 class GenerateTracer(Tracer):
@@ -60,11 +71,18 @@ class LanguageModel(NNsight):
         dispatch: bool = False,
         padding_side: str | None = None,
         remote: bool = False,
+        tokenizer_kwargs: dict | None = None,
+        rename: dict | None = None,
+        envoys=_DEFAULT,
         **kwargs,
     ):
         import transformers
 
         _check_side(padding_side)
+        if tokenizer_kwargs is not None and not isinstance(tokenizer_kwargs, Mapping):
+            raise TypeError(f"tokenizer_kwargs must be a dict, not {type(tokenizer_kwargs).__name__}")
+        tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
         automodel = automodel or transformers.AutoModelForCausalLM
         if isinstance(automodel, str):
             automodel = getattr(transformers, automodel)
@@ -77,26 +95,26 @@ class LanguageModel(NNsight):
             with torch.device("meta"):
                 module = automodel.from_config(config)
             if tokenizer is None and served_tokenizer is not None:
-                tokenizer = _own_tokenizer(served_tokenizer, padding_side)
+                tokenizer = _own_tokenizer(served_tokenizer, padding_side, tokenizer_kwargs)
             dispatch = False
         elif isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             source = _resolve(str(model))
             if tokenizer is None:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(
-                    source, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
-                )
-                tokenizer = _own_tokenizer(tokenizer, padding_side)
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, **{**hub, **tokenizer_kwargs})
+                tokenizer = _own_tokenizer(tokenizer, padding_side, tokenizer_kwargs)
             if dispatch:
                 module = automodel.from_pretrained(source, **kwargs)
             else:
-                config = transformers.AutoConfig.from_pretrained(
-                    source, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
-                )
+                config = transformers.AutoConfig.from_pretrained(source, **hub)
+                meta = {k: v for k, v in kwargs.items() if k in _META_KWARGS}
                 with torch.device("meta"):
-                    module = automodel.from_config(config)
+                    module = automodel.from_config(config, **meta)
         else:
             module = model
-        super().__init__(module)
+        if tokenizer is not None and tokenizer_kwargs and not (source is not None or remote):
+            for key, value in tokenizer_kwargs.items():  # a tokenizer you passed: set as asked
+                setattr(tokenizer, key, value)
+        super().__init__(module, rename=rename, **({} if envoys is _DEFAULT else {"envoys": envoys}))
         module.eval()
         _warn_block_outputs(transformers.__version__)
         object.__setattr__(self, "tokenizer", tokenizer)
@@ -112,6 +130,11 @@ class LanguageModel(NNsight):
     @property
     def config(self):
         return self._module.config
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether the real weights are loaded (False while the model lives on the meta device)."""
+        return self._dispatched
 
     @property
     def padding_side(self) -> str:
@@ -314,9 +337,9 @@ def _check_side(side):
         raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
 
 
-def _own_tokenizer(tokenizer, padding_side):
+def _own_tokenizer(tokenizer, padding_side, tokenizer_kwargs):
     """A tokenizer LanguageModel loaded itself: pads on the left unless told otherwise, and has a pad token."""
-    tokenizer.padding_side = padding_side or "left"
+    tokenizer.padding_side = padding_side or tokenizer_kwargs.get("padding_side") or "left"
     if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
