@@ -62,6 +62,11 @@ class NNsight(Envoy):
         object.__setattr__(self, "_order", None)
         object.__setattr__(self, "_edits", [])
 
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped module, under the name nnsight 0.8.1 (and libraries built on it) use."""
+        return self._module
+
     def trace(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> Tracer:
         """A context that runs the model once on ``inputs`` with the block's code alongside."""
         if remote:

@@ -111,6 +111,11 @@ class LanguageModel(NNsight):
                     module = automodel.from_config(config, **meta)
         else:
             module = model
+            # A model you built is used as it is; loading options mean nothing for it,
+            # except the attention implementation, which can still be switched.
+            attn = kwargs.get("attn_implementation")
+            if attn is not None and getattr(getattr(module, "config", None), "_attn_implementation", attn) != attn:
+                module.set_attn_implementation(attn)
         if tokenizer is not None and tokenizer_kwargs and not (source is not None or remote):
             for key, value in tokenizer_kwargs.items():  # a tokenizer you passed: set as asked
                 setattr(tokenizer, key, value)
