@@ -273,10 +273,18 @@ class Envoy(ValueAccess):
 
     def get(self, path: str) -> "Envoy":
         """``model.get("transformer.h.0.mlp")`` — the envoy at a dotted path from here."""
-        envoy = self
         prefix = self._path + "."
         if path.startswith(prefix):
-            path = path[len(prefix) :]
+            # "model.layers.0" on a root whose child is called "model" (Llama) is a path below
+            # that child; otherwise the root's own name is just spelled out.
+            try:
+                return self._walk(path)
+            except (AttributeError, IndexError):
+                path = path[len(prefix) :]
+        return self._walk(path)
+
+    def _walk(self, path: str) -> "Envoy":
+        envoy = self
         for part in path.split(".") if path else []:
             if part in envoy._module._modules:
                 envoy = envoy._child(part)
