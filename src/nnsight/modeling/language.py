@@ -83,6 +83,7 @@ class LanguageModel(NNsight):
             raise TypeError(f"tokenizer_kwargs must be a dict, not {type(tokenizer_kwargs).__name__}")
         tokenizer_kwargs = dict(tokenizer_kwargs or {})
         hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        passed_tokenizer = tokenizer
         automodel = automodel or transformers.AutoModelForCausalLM
         if isinstance(automodel, str):
             automodel = getattr(transformers, automodel)
@@ -116,9 +117,9 @@ class LanguageModel(NNsight):
             attn = kwargs.get("attn_implementation")
             if attn is not None and getattr(getattr(module, "config", None), "_attn_implementation", attn) != attn:
                 module.set_attn_implementation(attn)
-        if tokenizer is not None and tokenizer_kwargs and not (source is not None or remote):
+        if passed_tokenizer is not None:
             for key, value in tokenizer_kwargs.items():  # a tokenizer you passed: set as asked
-                setattr(tokenizer, key, value)
+                setattr(passed_tokenizer, key, value)
         super().__init__(module, rename=rename, **({} if envoys is _DEFAULT else {"envoys": envoys}))
         module.eval()
         _warn_block_outputs(transformers.__version__)
