@@ -40,18 +40,18 @@ def test_caught_by_their_0_8_1_names(seq, twolayer):
 def test_wrapper_module_gives_a_function_an_envoy(seq):
     from nnsight.util import WrapperModule
 
-    seq.add_module("double", WrapperModule(lambda t: t * 2))
+    seq.add_module("twice", WrapperModule(lambda t: t * 2))
     try:
         model = NNsight(seq)
         x = torch.rand(1, 2)
         with model.trace(torch.rand(1, 5)):
-            out = model.double(x).save()
+            out = model.twice(x).save()
         assert torch.equal(out, x * 2)
         assert WrapperModule()(x) is x and WrapperModule()(x, x) == (x, x)
         with pytest.raises(TypeError, match="wraps a callable"):
             WrapperModule(3)
     finally:
-        del seq._modules["double"]
+        del seq._modules["twice"]
 
 
 def test_importing_patches_nothing():
