@@ -42,6 +42,7 @@ from ..tracing.envoy import Envoy
 from ..tracing.errors import NNsightError
 from ..tracing.interleaver import current_mediator
 from ..tracing.tracer import Tracer
+from ..util import WrapperModule
 from .base import NNsight
 
 _INPUT_KEYS = ("input_ids", "attention_mask")
@@ -130,7 +131,7 @@ class LanguageModel(NNsight):
         object.__setattr__(self, "_dispatched", (source is None and not remote) or dispatch)
         object.__setattr__(self, "_remote_name", str(model) if isinstance(model, (str, bytes)) else None)
         object.__setattr__(self, "_padding_option", padding_side)
-        object.__setattr__(self, "generator", GeneratorEnvoy())
+        object.__setattr__(self, "generator", GeneratorEnvoy(_Generator(), "model.generator", self, self))
         object.__setattr__(self, "_takes_position_ids", None)
 
     @property
@@ -303,6 +304,12 @@ class LanguageModel(NNsight):
 
     def _generate(self, args, kwargs, run_kwargs):
         run_kwargs = dict(run_kwargs)
+        # Each step's new tokens pass through model.generator.streamer (readable per step),
+        # then on to a streamer of the caller's own (TextIteratorStreamer, ...).
+        # (transformers refuses streamers with beam search; there the streamer never runs.)
+        beams = run_kwargs.get("num_beams", getattr(getattr(self._module, "generation_config", None), "num_beams", 1))
+        if (beams or 1) == 1:
+            run_kwargs["streamer"] = _StepStreamer(self.generator._module.streamer, run_kwargs.get("streamer"))
         if getattr(self.config, "pad_token_id", None) is None and "pad_token_id" not in run_kwargs:
             pad = self._pad_id()
             if pad is not None:  # otherwise generate's own rule (and warning) applies
@@ -310,11 +317,37 @@ class LanguageModel(NNsight):
         return self._module.generate(*args, **kwargs, **run_kwargs)
 
 
-class GeneratorEnvoy:
-    """``model.generator.output``: the token ids ``generate`` returns (available after the last step)."""
+class _Generator(WrapperModule):
+    """Stands for ``generate`` itself: ``.streamer`` is called with each step's new tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.streamer = WrapperModule()
+
+
+class _StepStreamer:
+    """A Hugging Face streamer that hands tokens to ``model.generator.streamer``, then to ``user``."""
+
+    def __init__(self, module, user=None):
+        self.module = module
+        self.user = user
+
+    def put(self, value):
+        self.module(value)
+        if self.user is not None:
+            self.user.put(value)
+
+    def end(self):
+        if self.user is not None:
+            self.user.end()
+
+
+class GeneratorEnvoy(Envoy):
+    """``model.generator.output``: the token ids ``generate`` returns (available after the last step);
+    ``model.generator.streamer.output``: the tokens of the current step (inside ``tracer.iter``)."""
 
     @property
-    def output(self):
+    def output(self):  # not a module value: the result of the whole run
         mediator = current_mediator()
         if mediator is None:
             raise NNsightError("model.generator.output is only available inside `with model.generate(...)`")
