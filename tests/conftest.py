@@ -62,12 +62,42 @@ def gpt2(gpt2_module):
     return gpt2_module
 
 
+def _block_hidden(output):
+    """A decoder block's hidden states: a GPT-2 block returns a tuple under transformers 4.x, the tensor under 5.x."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+@pytest.fixture(scope="session")
+def block_hidden():
+    """``block_hidden(model.transformer.h[0].output)``: the hidden states under either transformers line."""
+    return _block_hidden
+
+
+@pytest.fixture(scope="session")
+def transformers_major():
+    """4 or 5. Under 4.x GPT-2 blocks return tuples, so ``h[i].output[0]`` is the hidden states; under 5.x, batch row 0."""
+    transformers = pytest.importorskip("transformers")
+    return int(transformers.__version__.split(".")[0])
+
+
+def _load_gpt2_tokenizer():
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2TokenizerFast.from_pretrained(str(FIXTURES / "gpt2-tokenizer"))
+
+
 @pytest.fixture(scope="session")
 def gpt2_tokenizer():
-    transformers = pytest.importorskip("transformers")
-    folder = FIXTURES / "gpt2-tokenizer"
-    tok = transformers.GPT2TokenizerFast.from_pretrained(str(folder))
+    """Shared by many tests, so set up once as for batched generation: left padding (what a
+    tokenizer LanguageModel loads itself gets). Tests that change it use ``fresh_gpt2_tokenizer``."""
+    tok = _load_gpt2_tokenizer()
+    tok.padding_side = "left"
     return tok
+
+
+@pytest.fixture
+def fresh_gpt2_tokenizer():
+    """A GPT-2 tokenizer of this test's own, as Hugging Face loads it (right padding, no pad token)."""
+    return _load_gpt2_tokenizer()
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ from .modeling.base import NNsight
 from .modeling.language import LanguageModel
 from .modeling.diffusion import DiffusionModel
 from .modeling.vision_language import VisionLanguageModel
+from .modeling.transformers import TransformersModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 
@@ -23,6 +24,7 @@ __all__ = [
     "LanguageModel",
     "DiffusionModel",
     "VisionLanguageModel",
+    "TransformersModel",
     "Envoy",
     "save",
     "NNsightError",
