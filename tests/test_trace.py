@@ -319,3 +319,22 @@ def test_exec_of_another_string_in_a_dash_c_process_is_not_confused():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "SourceUnavailableError", done.stderr
+
+
+def test_identical_code_in_two_files_keeps_each_files_name(seq):
+    """Code objects compare by value, not by file: each file's block keeps its own name."""
+    import linecache
+    import traceback
+
+    model = NNsight(seq)
+    text = "with model.trace(x):\n    out = model.output.save()\n    1 / 0\n"
+    seen = []
+    for name in ("<cell-a>", "<cell-b>"):
+        linecache.cache[name] = (len(text), None, text.splitlines(True), name)
+        try:
+            exec(compile(text, name, "exec"), {"model": model, "x": torch.rand(1, 5)})
+        except ZeroDivisionError as error:
+            seen.append(traceback.extract_tb(error.__traceback__)[-1].filename)
+        finally:
+            del linecache.cache[name]
+    assert seen == ["<cell-a>", "<cell-b>"]

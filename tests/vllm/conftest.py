@@ -4,10 +4,12 @@ Skipped as a whole when vLLM is not importable (the main suite's venv has no vLL
 ``bash scripts/test_vllm.sh`` builds .venv-vllm and runs these tests there).
 """
 
-import importlib.util
 import os
 
-if importlib.util.find_spec("vllm") is not None:  # leave the main suite's environment alone
+from vllm_support import vllm_installed
+
+
+if vllm_installed():  # leave the main suite's environment alone
     # Before vLLM is imported: in-process engine, a small KV cache, one CPU thread, no network.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

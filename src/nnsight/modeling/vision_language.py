@@ -69,6 +69,9 @@ class VisionLanguageModel(LanguageModel):
 
         if processor is None and (isinstance(model, (str, bytes)) or hasattr(model, "__fspath__")):
             processor = transformers.AutoProcessor.from_pretrained(str(model))
+            own = getattr(processor, "tokenizer", None)
+            if own is not None:  # a tokenizer we load starts on the left, as LanguageModel's own does
+                own.padding_side = kwargs.get("padding_side") or "left"
         if tokenizer is None and processor is not None:
             tokenizer = getattr(processor, "tokenizer", None)
         super().__init__(

@@ -893,7 +893,8 @@ class SourceCache:
     def capture(self, frame) -> CapturedBlock:
         """The block of the ``with`` statement ``frame`` is executing."""
         code = frame.f_code
-        key = (code, frame.f_lineno)
+        # Code objects compare by value, not by file: two files with the same code must not share a block.
+        key = (code, code.co_filename, frame.f_lineno)
         block = self._blocks.get(key)
         if block is not None:
             self._blocks.move_to_end(key)
@@ -928,13 +929,13 @@ class SourceCache:
 
     def filenames(self) -> set[str]:
         """The files that hold a captured block now."""
-        return {code.co_filename for code, _ in self._blocks} | {name for name, _ in self._files}
+        return {filename for _, filename, _ in self._blocks} | {name for name, _ in self._files}
 
     def forget(self, filename_prefix: str):
         """Drop every file and block whose file name starts with ``filename_prefix``."""
         for key in [k for k in self._files if k[0].startswith(filename_prefix)]:
             del self._files[key]
-        for key in [k for k in self._blocks if k[0].co_filename.startswith(filename_prefix)]:
+        for key in [k for k in self._blocks if k[1].startswith(filename_prefix)]:
             del self._blocks[key]
 
 

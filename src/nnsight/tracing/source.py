@@ -156,16 +156,40 @@ class SourceInfo:
         return "\n".join(out)
 
 
-_infos: dict[object, SourceInfo] = {}
+class _InfoCache:
+    """Rewritten forwards by class or function, least recently used dropped past ``limit``.
+
+    The functions a model calls through ``.source`` can be chosen at run time, so a process
+    that runs for weeks may meet many; an evicted one is rewritten again when next used.
+    """
+
+    def __init__(self, limit=512):
+        from collections import OrderedDict
+
+        self.limit = limit
+        self._infos = OrderedDict()
+
+    def __len__(self):
+        return len(self._infos)
+
+    def get(self, target) -> SourceInfo:
+        key = target.__func__ if isinstance(target, types.MethodType) else target
+        info = self._infos.get(key)
+        if info is None:
+            info = self._infos[key] = SourceInfo(target)
+            if len(self._infos) > self.limit:
+                self._infos.popitem(last=False)
+        else:
+            self._infos.move_to_end(key)
+        return info
+
+
+infos = _InfoCache()
 
 
 def source_info(target) -> SourceInfo:
     """The rewritten forward of a module class, or the rewritten version of a function."""
-    key = target.__func__ if isinstance(target, types.MethodType) else target
-    info = _infos.get(key)
-    if info is None:
-        info = _infos[key] = SourceInfo(target)
-    return info
+    return infos.get(target)
 
 
 def _dispatch(module, name, fn, *args, **kwargs):
