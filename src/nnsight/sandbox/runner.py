@@ -46,8 +46,13 @@ def forget(job_id):
         del capture._blocks[key]
 
 
-def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, max_print=65536, max_tensor_bytes=None):
-    """Run ``request`` (a ``JobRequest`` as a dict); returns ``(values, blob)`` of the saved names."""
+def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, max_print=65536, max_tensor_bytes=None,
+                make_context=None):
+    """Run ``request`` (a ``JobRequest`` as a dict); returns ``(values, blob)`` of the saved names.
+
+    make_context: ``(kind, inputs, kwargs) -> context`` to use instead of the model's own
+    ``trace``/``generate``/``session`` (the server's co-batching passes one); None for the model's.
+    """
     filename = f"{PREFIX}{job_id}>"
     body = request["source"]
     first = int(request["body_lineno"])
@@ -107,7 +112,9 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     scope.update(variables)
 
     kind = request["kind"]
-    if kind == "trace":
+    if make_context is not None:
+        ctx = make_context(kind, inputs, kwargs)
+    elif kind == "trace":
         ctx = model.trace(*inputs, **kwargs)
     elif kind == "generate":
         if not hasattr(model, "generate"):
