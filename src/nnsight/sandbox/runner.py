@@ -132,7 +132,9 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     header = f"with __nnsight_ctx__ as {as_name}:\n" if as_name else "with __nnsight_ctx__:\n"
     pad = "\n" * (first - 2)
     _register(filename, pad + header + body)
-    outer = compile(pad + header + "    __nnsight_body__ = None\n", filename, "exec")
+    # The job id in a constant keeps this code object unequal to another job's: code objects
+    # compare by value (not by file name), and the engine caches captured blocks by code object.
+    outer = compile(pad + header + f"    __nnsight_body__ = {job_id!r}\n", filename, "exec")
     before = {name: id(value) for name, value in scope.items()}
     exec(outer, scope)
 

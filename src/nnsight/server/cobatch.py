@@ -28,6 +28,8 @@ import ast
 
 import greenlet
 
+from ..sandbox.errors import SandboxError
+from ..sandbox.guards import Guards
 from ..tracing.errors import NNsightError
 from ..tracing.tracer import Tracer
 
@@ -85,6 +87,23 @@ def plan_batches(model, jobs: list, max_batch: int) -> list:
             groups.append(group)
         group.append(job)
     return groups
+
+
+class CoBatchGuards(Guards):
+    """The sandbox's guards, plus: no ``as_strided`` (a view of a request's rows could reach its batch-mates' rows)."""
+
+    @staticmethod
+    def _refuse(name):
+        if isinstance(name, str) and "as_strided" in name:
+            raise SandboxError(f"{name} is not available in remote code (it can reach memory outside a tensor's view)")
+
+    def getattr(self, obj, name, *default):
+        self._refuse(name)
+        return super().getattr(obj, name, *default)
+
+    def module_attr(self, name, module, attr):
+        self._refuse(attr)
+        return super().module_attr(name, module, attr)
 
 
 class _Group:

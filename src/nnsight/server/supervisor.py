@@ -268,7 +268,7 @@ class WorkerSupervisor:
                 if remaining <= 0:
                     for job_id in pending:
                         self.hub.failed(job_id, "TimeoutError",
-                                        f"the job ran longer than the server's limit of {timeout:g} s and was stopped")
+                                        f"the job ran longer than the server's limit of {timeout} s and was stopped")
                     self._restart("time limit")
                     return
                 for job_id in [j for j in pending if j not in cancelled and self.hub.cancel_requested(j)]:

@@ -37,8 +37,8 @@ class Worker:
     def __init__(self, out, limits, spec):
         import torch
 
-        from ..sandbox.guards import Guards
         from . import models
+        from .cobatch import CoBatchGuards
         from .integrity import Integrity
 
         self.out = out
@@ -48,7 +48,7 @@ class Worker:
         self.model, folder = models.load(source)
         self.info = models.describe(name, self.model, folder)
         self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model._module.parameters())
-        self.guards = Guards(self.model)
+        self.guards = CoBatchGuards(self.model)
         self.integrity = Integrity(self.model, int(limits.get("weights_every", 1)))
         self.max_batch = max(1, int(limits.get("max_batch", 64)))
 
