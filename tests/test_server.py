@@ -97,6 +97,11 @@ def test_load_200_requests_from_8_clients(server):
     assert done == list(range(200))
     print(f"\nload test: 200 jobs from 8 clients in {elapsed:.1f} s ({200 / elapsed:.1f} jobs/s)")
     assert server.alive()
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    sizes = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+             if line.startswith("nnsight_forward_batch_size")}
+    assert sizes["nnsight_forward_batch_size_count"] < 200  # co-batched: fewer forwards than jobs, each job its own values
+    assert sizes["nnsight_forward_batch_size_max"] > 1
 
 
 def test_openapi_fuzz_has_no_server_errors(server):

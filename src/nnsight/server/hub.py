@@ -125,10 +125,12 @@ class JobHub:
         if tensor_bytes(tensors) > self.settings.max_result_bytes:
             return self.failed(job_id, "RemoteError",
                                f"the saved values are over the server's limit of {self.settings.max_result_bytes} bytes")
+        started = time.perf_counter()
         path = self.results_dir / f"{job_id}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"id": job_id, "values": values, "tensors": tensors}))
         os.replace(tmp, path)
+        self.metrics.observe("nnsight_result_store_seconds", time.perf_counter() - started)
         self.jobs.update(job_id, result_path=path)
         self._finish(job_id, "completed", None)
 

@@ -250,6 +250,7 @@ class WorkerSupervisor:
         self.hub.metrics.observe("nnsight_batch_size", len(jobs), model=self.name)
         pending = {job["id"] for job in jobs}
         self.current = set(pending)
+        sent_at = time.monotonic()
         try:
             write_msg(self.proc.stdin, {"type": "batch", "jobs": jobs, "co_batch": self.settings.co_batch != "off"})
         except OSError:
@@ -298,6 +299,9 @@ class WorkerSupervisor:
                                         f"the job changed the served model ({message.get('reason')}); it was refused and the model reloaded")
                     self._restart("model changed")
                     return
+                if kind == "group":
+                    self.hub.metrics.observe("nnsight_forward_batch_size", int(message.get("size") or 0), model=self.name)
+                    continue
                 if job_id not in pending:
                     continue
                 if kind == "running":
@@ -308,6 +312,7 @@ class WorkerSupervisor:
                     if job_id not in cancelled:
                         self.hub.log(job_id, str(message.get("text", "")))
                 elif kind in ("done", "error"):
+                    self._timing(message.get("timing"), sent_at)
                     pending.discard(job_id)
                     self.current.discard(job_id)
                     if job_id in cancelled:
@@ -319,6 +324,19 @@ class WorkerSupervisor:
         finally:
             self.current = set()
             self.last_used = time.monotonic()
+
+    def _timing(self, timing, sent_at):
+        """Record where a job's time in the worker went (the worker's own report, as monotonic times)."""
+        if not isinstance(timing, dict):
+            return
+        try:
+            ipc = (float(timing["received"]) - sent_at) + (time.monotonic() - float(timing["sent"]))
+            parts = {"ipc": ipc, "worker_wait": float(timing["waited"]), "run": float(timing["run"]),
+                     "check": float(timing["check"])}
+        except (KeyError, TypeError, ValueError):
+            return
+        for part, seconds in parts.items():
+            self.hub.metrics.observe(f"nnsight_job_{part}_seconds", max(0.0, seconds), model=self.name)
 
     @staticmethod
     def _why(code, error):

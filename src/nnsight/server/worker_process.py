@@ -3,7 +3,7 @@
     python -m nnsight.server.worker_process     (started by the server; talks over stdin/stdout)
 
 Messages in:  {"type": "init", "spec", "limits", "data_dir"}, then {"type": "batch", "jobs": [{"id", "request"}], "co_batch"}
-Messages out: {"type": "ready", "info", "weight_bytes", "isolation"}, {"type": "running", "id"}, {"type": "log", "id", "text"},
+Messages out: {"type": "ready", "info", "weight_bytes", "isolation"}, {"type": "group", "size"} (one forward), {"type": "running", "id"}, {"type": "log", "id", "text"},
               {"type": "done", "id", "values", "tensors"}, {"type": "error", "id", "error"},
               {"type": "tainted", "reason"} (then it exits: the supervisor starts a fresh worker)
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import gc
 import os
 import signal
+import time
 
 
 def _limit_files(files: int = 256):
@@ -84,11 +85,14 @@ class Worker:
         forget(job_id)
         return reply
 
-    def run_batch(self, jobs, co_batch):
+    def run_batch(self, jobs, co_batch, received):
+        """Run one batch message's jobs; ``received`` is when it arrived (time.monotonic, for the IPC timing)."""
         from .cobatch import plan_batches, run_group
 
         groups = plan_batches(self.model, jobs, len(jobs)) if co_batch else [[job] for job in jobs]
         for group in groups:
+            started = time.monotonic()
+            self.send({"type": "group", "size": len(group)})
             for job in group:
                 self.send({"type": "running", "id": job["id"]})
             replies = []
@@ -104,13 +108,17 @@ class Worker:
                 for job, outcome in run_group(self.model, group, self._run_one):
                     replies.append(self._reply(job, outcome))
                     del outcome
+            ran = time.monotonic()
             self.integrity.reset()
             gc.collect()
             problem = self.integrity.check()
             if problem is not None:
                 self.send({"type": "tainted", "reason": problem})
                 os._exit(3)
+            checked = time.monotonic()
             for reply in replies:
+                reply["timing"] = {"received": received, "waited": started - received, "run": ran - started,
+                                   "check": checked - ran, "sent": time.monotonic()}
                 self.send(reply)
 
 
@@ -142,7 +150,7 @@ def main():
         except EOFError:
             return
         if message["type"] == "batch":
-            worker.run_batch(list(message.get("jobs") or []), bool(message.get("co_batch")))
+            worker.run_batch(list(message.get("jobs") or []), bool(message.get("co_batch")), time.monotonic())
 
 
 if __name__ == "__main__":
