@@ -64,4 +64,4 @@ def test_linecache_and_engine_caches_are_released(model):
 
     run(model, "    out = model.lm_head.output.save()\n", job="released")
     assert not [k for k in linecache.cache if "released" in str(k)]
-    assert not [k for k in capture._blocks if "released" in k[0].co_filename]
+    assert not [name for name in capture.blocks.filenames() if "released" in name]

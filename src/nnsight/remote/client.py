@@ -24,8 +24,7 @@ import types
 
 from ..tracing.envoy import Envoy
 from ..sandbox.errors import SandboxError
-from ..tracing.capture import BodySkipper, SkipBlock, _find_with, _names, _parse_source
-from ..tracing.tracer import _PACKAGE_DIR, _bind
+from ..tracing.tracer import BlockContext
 from .schema import PROTOCOL_VERSION, TERMINAL
 from .serialize import SENDABLE_MODULES, Encoder, UnsupportedValue, decode_values
 
@@ -254,13 +253,15 @@ class RemoteJob:
 # -- the with-block ---------------------------------------------------------------------
 
 
-class RemoteBlock:
+class RemoteBlock(BlockContext):
     """``with model.trace/generate/session(..., remote=True) as tracer:`` (see module docstring).
 
-    After a non-blocking block (``blocking=False``), ``tracer.job`` is the ``RemoteJob``.
+    The block is captured and skipped like a local one; running it means sending it as
+    a job. After a non-blocking block (``blocking=False``), ``tracer.job`` is the ``RemoteJob``.
     """
 
     def __init__(self, model, kind, inputs=(), kwargs=None, blocking=True):
+        super().__init__()
         name = getattr(model, "_remote_name", None)
         if not name:
             raise NotImplementedError(
@@ -274,59 +275,33 @@ class RemoteBlock:
         self.kwargs = kwargs or {}
         self.blocking = blocking
         self.job = None
-        self._frame = None
 
-    def __enter__(self):
-        frame = sys._getframe(1)
-        while frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-            frame = frame.f_back
-        filename = frame.f_code.co_filename
-        tree = _parse_source(filename, frame.f_globals)
-        node = _find_with(tree, frame.f_lineno, filename)
+    def _entered(self):
+        node = self._block.node
         if len(node.items) != 1:
-            raise SyntaxError(f"{filename}:{node.lineno}: a remote block must be a single `with model.trace(...)` item")
+            raise SyntaxError(f"{self._block.filename}:{node.lineno}: a remote block must be a single `with model.trace(...)` item")
         target = node.items[0].optional_vars
         if target is not None and not isinstance(target, ast.Name):
-            raise SyntaxError(f"{filename}:{node.lineno}: `as` must name one variable in a remote block")
-        self._node = node
-        self._filename = filename
-        self._frame = frame
-        self._trivial = all(
-            isinstance(s, ast.Pass) or (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)) for s in node.body
-        )
-        self._skipper = None if self._trivial else BodySkipper(frame)
+            raise SyntaxError(f"{self._block.filename}:{node.lineno}: `as` must name one variable in a remote block")
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        if self._skipper is not None:
-            self._skipper.restore()
-        frame, self._frame = self._frame, None
-        if exc_type is not SkipBlock and not (exc_type is None and self._trivial):
-            return False
-        try:
-            request = self._request(frame)
-            self.job = self._submit(request)
-            if not self.blocking:
-                return True
-            values = self.job.wait()
-        except BaseException as error:
-            if isinstance(error.__context__, SkipBlock):
-                error.__suppress_context__ = True
-            raise
-        as_name = self._node.items[0].optional_vars
+    def _run_block(self, frame) -> dict:
+        request = self._request(frame)
+        self.job = self._submit(request)
+        if not self.blocking:
+            return {}
+        values = self.job.wait()
+        as_name = self._block.node.items[0].optional_vars
         values.pop(as_name.id if as_name is not None else None, None)
-        _bind(frame, values)
-        return True
+        return values
 
     # -- building the request ---------------------------------------------------------
 
     def _request(self, frame) -> dict:
-        import linecache
-
-        node = self._node
-        lines = linecache.getlines(self._filename, frame.f_globals)
-        first = node.body[0].lineno
-        body = "".join(lines[first - 1 : node.end_lineno])
+        block = self._block
+        node = block.node
+        first = block.body_lineno
+        body = block.body_source()
         functions = {}
         root = self.model._root
 
@@ -352,7 +327,7 @@ class RemoteBlock:
         encoder = Encoder(envoy_path=envoy_path, module_name=module_name, function_name=function_name)
         inputs = [encoder.encode(v, f"input {i}") for i, v in enumerate(self.inputs)]
         kwargs = {k: encoder.encode(v, f"keyword argument {k!r}") for k, v in self.kwargs.items()}
-        use = _names(node.body)
+        use = block.names
         variables = {}
         scope_locals = frame.f_locals
         as_target = node.items[0].optional_vars
@@ -380,7 +355,7 @@ class RemoteBlock:
             "kind": self.kind,
             "source": body,
             "body_lineno": first,
-            "filename": self._filename,
+            "filename": block.filename,
             "as_name": as_name.id if as_name is not None else None,
             "inputs": inputs,
             "kwargs": kwargs,
@@ -419,8 +394,8 @@ class RemoteBlock:
     def _submit(self, request) -> RemoteJob:
         http = _session()
         response = http.post(_url("/v1/jobs"), json=request, headers=_headers(), timeout=_config().API.TIMEOUT)
-        status = _check(response, self._filename).json()
-        return RemoteJob(status["id"], self._filename)
+        status = _check(response, self._block.filename).json()
+        return RemoteJob(status["id"], self._block.filename)
 
 
 def remote_block(model, kind, inputs=(), kwargs=None, blocking=True) -> RemoteBlock:

@@ -39,11 +39,7 @@ def forget(job_id):
     tag = f"{PREFIX}{job_id}"
     for key in [k for k in linecache.cache if isinstance(k, str) and k.startswith(tag)]:
         del linecache.cache[key]
-    for key in [k for k in capture._parsed_files if k[0].startswith(tag)]:
-        tree = capture._parsed_files.pop(key)
-        capture._with_index.pop(id(tree), None)
-    for key in [k for k in capture._blocks if k[0].co_filename.startswith(tag)]:
-        del capture._blocks[key]
+    capture.blocks.forget(tag)
 
 
 def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, max_print=65536, max_tensor_bytes=None,

@@ -1,7 +1,9 @@
 """Turn the body of a ``with model.trace(...)`` block into a compiled function.
 
-    block = capture_block(frame)          # once per call site, then cached
-    scope = block.run(frame, tracer)      # registers the invokes, returns a scope reader
+    block = capture(frame)                # once per call site, then cached (``blocks``)
+    skipper = block.skip(frame)           # Python's own run of the body raises SkipBlock
+    scope = block.compiled().run(frame, tracer, save, assign)   # our run of it
+    bind(frame, read_scope(scope))        # the names it saved, in the caller's scope
 
 Python cannot defer a ``with`` body, so the tracer's ``__enter__`` asks for the
 body to be skipped (``skip_body``) and its ``__exit__`` runs our compiled copy of
@@ -97,43 +99,55 @@ def _no_trace(frame, event, arg):
 # Finding and transforming the block
 # ---------------------------------------------------------------------------
 
-_parsed_files: dict[tuple[str, int], ast.Module] = {}
-
-
-def _parse_source(filename: str, module_globals) -> ast.Module:
+def _source_lines(filename: str, frame) -> list[str]:
+    """The lines of the file (or cell, or ``python -c`` command) the frame's code came from."""
     linecache.checkcache(filename)
-    lines = linecache.getlines(filename, module_globals)
+    lines = linecache.getlines(filename, frame.f_globals)
+    if not lines and filename == "<string>":
+        lines = _command_lines(frame)
     if not lines:
         raise SourceUnavailableError(
             f"nnsight cannot find the source code of the traced block in {filename!r}. "
-            "A trace block must live in a file, a Jupyter/IPython cell or another place "
-            "where Python keeps the source; code run with exec() of a string has none."
+            "A trace block must live in a file, a Jupyter/IPython cell, a `python -c` command, "
+            "or code whose text was registered in `linecache`; code run with exec() of a bare "
+            "string has none."
         )
-    text = "".join(lines)
-    key = (filename, hash(text))
-    tree = _parsed_files.get(key)
-    if tree is None:
-        tree = ast.parse(text, filename)
-        _parsed_files[key] = tree
-    return tree
+    return lines
 
 
-_with_index: dict[int, dict[int, ast.With]] = {}
+def _command_lines(frame) -> list[str]:
+    """The text of ``python -c TEXT`` when ``frame`` runs code compiled from exactly that text."""
+    argv = getattr(sys, "orig_argv", [])
+    if "-c" not in argv[:-1]:
+        return []
+    text = argv[argv.index("-c") + 1]
+    outer = frame
+    while outer.f_back is not None and outer.f_back.f_code.co_filename == "<string>":
+        outer = outer.f_back
+    try:
+        command_code = compile(text, "<string>", "exec")
+    except SyntaxError:
+        return []
+    # exec() of another string also reports "<string>": only the command's own code qualifies.
+    if outer.f_code != command_code:
+        return []
+    return text.splitlines(True)
 
 
-def _find_with(tree: ast.Module, lineno: int, filename: str) -> ast.With:
-    # Each header line maps to the innermost `with` that spans it; built once per parsed file.
-    index = _with_index.get(id(tree))
-    if index is None:
-        index = {}
-        for node in ast.walk(tree):
-            if isinstance(node, ast.With):
-                header_end = max(node.lineno, node.body[0].lineno - 1)
-                for line in range(node.lineno, header_end + 1):
-                    known = index.get(line)
-                    if known is None or node.lineno >= known.lineno:
-                        index[line] = node
-        _with_index[id(tree)] = index
+def _with_index(tree: ast.Module) -> dict[int, ast.With]:
+    """Each ``with`` header line -> the innermost ``with`` statement that spans it."""
+    index = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With):
+            header_end = max(node.lineno, node.body[0].lineno - 1)
+            for line in range(node.lineno, header_end + 1):
+                known = index.get(line)
+                if known is None or node.lineno >= known.lineno:
+                    index[line] = node
+    return index
+
+
+def _find_with(index: dict[int, ast.With], lineno: int, filename: str) -> ast.With:
     best = index.get(lineno)
     if best is None:
         raise SourceUnavailableError(
@@ -677,30 +691,167 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     return block_code, params, frozenset(invokes_assigned)
 
 
-_blocks: dict[tuple, Block] = {}
+class CapturedBlock:
+    """One ``with`` statement of the user's source, found from the frame executing it.
+
+        block = capture(frame)            # cached per call site
+        block.body_source()               # the body's text, with the user's line numbers
+        block.names.loaded                # names the body reads (assigned: names it binds)
+        block.compiled().run(frame, ...)  # the local engine's compiled copy
+
+    Attributes:
+        filename, lineno   where the ``with`` statement is
+        node               its ``ast.With`` (shared with the cache: do not modify)
+        trivial            the body is only ``pass`` / constants: Python may run it without a
+                           line event, so it is not skipped and needs no run of its own
+        module_level       written at module level (no caller locals to pass in)
+    """
+
+    __slots__ = ("filename", "lineno", "node", "trivial", "module_level", "_lines", "_caller_locals", "_compile_fn", "_compiled", "_names")
+
+    def __init__(self, filename, node, lines, caller_locals, module_level, compile_fn):
+        self.filename = filename
+        self.lineno = node.lineno
+        self.node = node
+        self.module_level = module_level
+        self.trivial = all(
+            isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
+            for stmt in node.body
+        )
+        self._lines = lines
+        self._caller_locals = caller_locals
+        self._compile_fn = compile_fn
+        self._compiled = None
+        self._names = None
+
+    def body_source(self) -> str:
+        """The body's lines as written (``body_lineno`` is the first one's number)."""
+        return "".join(self._lines[self.node.body[0].lineno - 1 : self.node.end_lineno])
+
+    @property
+    def body_lineno(self) -> int:
+        return self.node.body[0].lineno
+
+    @property
+    def names(self) -> "_NameUse":
+        if self._names is None:
+            self._names = _names(self.node.body)
+        return self._names
+
+    def skip(self, frame) -> "BodySkipper | None":
+        """Make Python skip the body ``frame`` is about to run; ``restore()`` the result in ``__exit__``."""
+        return None if self.trivial else BodySkipper(frame)
+
+    def skipped(self, exc_type) -> bool:
+        """Whether ``__exit__`` was reached by skipping the body (so the block is ours to run)."""
+        return exc_type is SkipBlock or (exc_type is None and self.trivial)
+
+    def compiled(self) -> Block:
+        """The body compiled for the local engine (once per call site)."""
+        if self._compiled is None:
+            code, params, shared = _build(self.node, self._caller_locals, self.filename, self._compile_fn)
+            self._compiled = Block(code, params, self.filename, self.lineno, shared, self.trivial)
+        return self._compiled
 
 
-def capture_block(frame) -> Block:
-    """The compiled block for the ``with`` statement ``frame`` is executing (cached per call site)."""
-    code = frame.f_code
-    key = (code, frame.f_lineno)
-    block = _blocks.get(key)
-    if block is not None:
+class SourceCache:
+    """Parsed source files and captured blocks, bounded, least recently used evicted first.
+
+        cache = SourceCache(max_files=64, max_blocks=4096)
+        block = cache.capture(frame)
+        cache.forget("<nnsight-remote:job1")    # drop every file whose name starts so
+
+    A notebook makes a new "file" per edited cell and a server one per job, so both
+    maps are bounded; an evicted entry is simply parsed again when next needed.
+    """
+
+    def __init__(self, max_files: int = 64, max_blocks: int = 4096):
+        from collections import OrderedDict
+
+        self.max_files = max_files
+        self.max_blocks = max_blocks
+        self._files: OrderedDict = OrderedDict()  # (filename, text hash) -> (lines, with index)
+        self._blocks: OrderedDict = OrderedDict()  # (code object, line) -> CapturedBlock
+
+    def __len__(self):
+        return len(self._blocks)
+
+    def capture(self, frame) -> CapturedBlock:
+        """The block of the ``with`` statement ``frame`` is executing."""
+        code = frame.f_code
+        key = (code, frame.f_lineno)
+        block = self._blocks.get(key)
+        if block is not None:
+            self._blocks.move_to_end(key)
+            return block
+        filename = code.co_filename
+        lines, index = self._file(filename, frame)
+        node = _find_with(index, frame.f_lineno, filename)
+        module_level = frame.f_locals is frame.f_globals
+        caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
+        # A scope may supply its own compiler (the remote server's sandbox does).
+        block = CapturedBlock(filename, node, lines, caller_locals, module_level, frame.f_globals.get(COMPILE_HOOK))
+        self._blocks[key] = block
+        if len(self._blocks) > self.max_blocks:
+            self._blocks.popitem(last=False)
         return block
-    filename = code.co_filename
-    tree = _parse_source(filename, frame.f_globals)
-    node = _find_with(tree, frame.f_lineno, filename)
-    module_level = frame.f_locals is frame.f_globals
-    caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
-    # A scope may supply its own compiler (the remote server's sandbox does: see nnsight.sandbox.runner).
-    block_code, params, shared_names = _build(node, caller_locals, filename, frame.f_globals.get(COMPILE_HOOK))
-    trivial = all(
-        isinstance(stmt, ast.Pass) or (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Constant))
-        for stmt in node.body
-    )
-    block = Block(block_code, params, filename, node.lineno, shared_names, trivial)
-    _blocks[key] = block
-    return block
+
+    def _file(self, filename, frame):
+        lines = _source_lines(filename, frame)
+        key = (filename, hash(tuple(lines)))
+        known = self._files.get(key)
+        if known is not None:
+            self._files.move_to_end(key)
+            return known
+        tree = ast.parse("".join(lines), filename)
+        known = self._files[key] = (lines, _with_index(tree))
+        if len(self._files) > self.max_files:
+            self._files.popitem(last=False)
+        return known
+
+    def filenames(self) -> set[str]:
+        """The files that hold a captured block now."""
+        return {code.co_filename for code, _ in self._blocks} | {name for name, _ in self._files}
+
+    def forget(self, filename_prefix: str):
+        """Drop every file and block whose file name starts with ``filename_prefix``."""
+        for key in [k for k in self._files if k[0].startswith(filename_prefix)]:
+            del self._files[key]
+        for key in [k for k in self._blocks if k[0].co_filename.startswith(filename_prefix)]:
+            del self._blocks[key]
+
+
+blocks = SourceCache()  # the process's cache of captured call sites
+
+
+def capture(frame) -> CapturedBlock:
+    """``blocks.capture(frame)``: the captured ``with`` statement ``frame`` is executing."""
+    return blocks.capture(frame)
+
+
+_CO_OPTIMIZED = 0x1
+
+if sys.version_info < (3, 13):
+    import ctypes
+
+    # Writes a frame's f_locals dict back into its fast locals (what a debugger does).
+    # Our own prototype, so the shared ctypes.pythonapi entry is left as it is.
+    _locals_to_fast = ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)(("PyFrame_LocalsToFast", ctypes.pythonapi))
+
+
+def bind(frame, values: dict):
+    """Bind ``values`` as variables of ``frame`` (the scope the ``with`` block was written in)."""
+    if not values:
+        return
+    if frame.f_code.co_flags & _CO_OPTIMIZED:
+        if sys.version_info >= (3, 13):
+            for name, value in values.items():
+                frame.f_locals[name] = value
+        else:
+            frame.f_locals.update(values)
+            _locals_to_fast(frame, 0)
+    else:
+        frame.f_locals.update(values)
 
 
 def read_scope(scope_fn) -> dict:

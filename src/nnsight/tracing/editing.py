@@ -34,5 +34,5 @@ class EditTracer(BlockContext):
         self.target._edits = [*self.target._edits, body]
 
     def _execute(self, scope):
-        if self._block.shared_names:
+        if self._block.compiled().shared_names:
             raise NNsightError("model.edit() blocks take no tracer.invoke(...): write the edit directly in the block")

@@ -20,19 +20,33 @@ Tracer methods usable inside the block:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import sys
+import threading
 import warnings
 
-from .capture import BodySkipper, SkipBlock, capture_block, read_scope
+from .capture import SkipBlock, bind, capture, read_scope
 from .errors import NNsightError, user_traceback
 from .interleaver import Interleaver, ResultRequest, StepRequest, current_mediator
 
-_CO_OPTIMIZED = 0x1
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_running: list["Tracer"] = []  # tracers whose eager block code is executing (innermost last)
+
+class _Running(threading.local):
+    """The innermost block context whose code is executing in this thread (each links to its parent)."""
+
+    context = None
+
+
+_running = _Running()
+
+
+def user_frame(depth: int = 2):
+    """The first frame outside the nnsight package, ``depth`` frames up from the caller."""
+    frame = sys._getframe(depth)
+    while frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame = frame.f_back  # a subclass's own __enter__ calling ours
+    return frame
 
 
 class Invoker:
@@ -143,14 +157,13 @@ class BlockContext:
         self._saved: dict[int, object] = {}
         self._published: dict[str, object] = {}
         self._frame = None
+        self.parent = None  # the block context this one runs inside (a session), while it runs
 
     def __enter__(self):
-        frame = sys._getframe(1)
-        while frame.f_code.co_filename == __file__ or frame.f_code.co_filename.startswith(_PACKAGE_DIR):
-            frame = frame.f_back  # a subclass's own __enter__ calling ours
-        self._block = capture_block(frame)
+        frame = user_frame()
+        self._block = capture(frame)
         self._frame = frame
-        self._skipper = None if self._block.trivial else BodySkipper(frame)
+        self._skipper = self._block.skip(frame)
         return self._entered()
 
     def _entered(self):
@@ -160,22 +173,33 @@ class BlockContext:
         if self._skipper is not None:
             self._skipper.restore()
         frame, self._frame = self._frame, None
-        if exc_type is not SkipBlock and not (exc_type is None and self._block.trivial):
+        if not self._block.skipped(exc_type):
             return False
-        _running.append(self)
         try:
-            scope = self._block.run(frame, self, self._save, _assign)
-            self._execute(scope)
+            values = self._run_block(frame)
         except BaseException as error:
             if isinstance(error.__context__, SkipBlock):
                 error.__suppress_context__ = True
             raise error.with_traceback(user_traceback(error.__traceback__))
+        bind(frame, values)
+        return True
+
+    def _run_block(self, frame) -> dict:
+        """Run the captured body; returns the names to bind in the caller's scope.
+
+        The local engine compiles the body and runs it with the model; the remote
+        client overrides this to send the body as a job.
+        """
+        self.parent = _running.context
+        _running.context = self
+        try:
+            scope = self._block.compiled().run(frame, self, self._save, _assign)
+            self._execute(scope)
         finally:
-            _running.pop()
+            _running.context = self.parent
         values = read_scope(scope)
         values.update(self._published)
-        _bind(frame, {name: value for name, value in values.items() if self._keeps(value)})
-        return True
+        return {name: value for name, value in values.items() if self._keeps(value)}
 
     def _execute(self, scope):
         raise NotImplementedError
@@ -228,7 +252,7 @@ class BlockContext:
     def _save(self, value, *args, **kwargs):
         if args or kwargs or hasattr(type(value), "save"):
             return value.save(*args, **kwargs)
-        _mark_saved(value)
+        _mark_saved(value, self)
         return value
 
 
@@ -389,31 +413,14 @@ def _assign(target, name, make_value):
         setattr(target, name, make_value())
 
 
-if sys.version_info < (3, 13):
-    # Writes a frame's f_locals dict back into its fast locals (what a debugger does).
-    # Our own prototype, so the shared ctypes.pythonapi entry is left as it is.
-    _locals_to_fast = ctypes.PYFUNCTYPE(None, ctypes.py_object, ctypes.c_int)(("PyFrame_LocalsToFast", ctypes.pythonapi))
-
-
-def _bind(frame, values):
-    """Bind ``values`` as variables of ``frame`` (the scope the ``with`` block was written in)."""
-    if not values:
-        return
-    if frame.f_code.co_flags & _CO_OPTIMIZED:
-        if sys.version_info >= (3, 13):
-            for name, value in values.items():
-                frame.f_locals[name] = value
-        else:
-            frame.f_locals.update(values)
-            _locals_to_fast(frame, 0)
-    else:
-        frame.f_locals.update(values)
-
-
-def _mark_saved(value):
+def _mark_saved(value, context=None):
     # Every enclosing block binds it: a trace inside a session saves for the session too.
-    for context in _running:
+    if context is None:
+        mediator = current_mediator()
+        context = mediator.interleaver.tracer if mediator is not None and mediator.interleaver.tracer else _running.context
+    while context is not None:
         context._saved[id(value)] = value
+        context = context.parent
 
 
 def save(value):
