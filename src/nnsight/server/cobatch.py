@@ -110,6 +110,10 @@ class _Group:
     def __init__(self):
         self.main = greenlet.getcurrent()
         self.batched = False
+        # One table of saved values for the group: the engine marks a value saved on the
+        # trace that runs the forward (the lead). Each request still binds only names of its
+        # own scope, which can hold none of its batch-mates' objects.
+        self.saved = {}
 
 
 class GroupTracer(Tracer):
@@ -118,6 +122,7 @@ class GroupTracer(Tracer):
     def __init__(self, model, inputs, group):
         super().__init__(model, inputs, {})
         self.group = group
+        self._saved = group.saved
         self.outcome = None  # the exception of this request's own code, if it raised
 
     def _execute(self, scope):
