@@ -188,3 +188,18 @@ def test_weight_writes_are_refused_for_the_writer_only(model):
     assert out["cb1"]["type"] == "SandboxError"
     assert_same(out["cb0"], alone(model, good))
     assert torch.equal(model.lm_head.weight, before)
+
+
+def test_a_request_that_loops_times_out_alone(model):
+    loop = job(1, "    h = model.transformer.h[0].output\n    while True:\n        try:\n            pass\n        except Exception:\n            pass\n")
+    good = [job(0, TYPICAL), job(2, TYPICAL)]
+    guards = CoBatchGuards(model)
+    out = {}
+    run_one = lambda j, make_context: run_request(model, guards, j["request"], j["id"], lambda s: None,  # noqa: E731
+                                                 make_context=make_context)
+    for j, outcome in run_group(model, [good[0], loop, good[1]], run_one, timeout=0.5, timeout_message="too long"):
+        out[j["id"]] = outcome
+        forget(j["id"])
+    assert type(out["cb1"]).__name__ == "JobTimeout" and str(out["cb1"]) == "too long"
+    for g in good:
+        assert_same(decode_values(*out[g["id"]]), alone(model, g))

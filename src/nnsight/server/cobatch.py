@@ -20,11 +20,18 @@ Who may share a forward (decided per request, before it runs):
       ``.edit``, ``.cache``, barriers, step loops, ``.source``, ``requires_grad``.
 Everything else runs alone, in turn. A co-batched request that still reaches one of
 those at run time (``tracer.stop()``, ``backward``) gets a clear error, never a shared effect.
+
+Time: a co-batch shares one time limit. ``time_limit`` (a SIGALRM timer) raises
+``JobTimeout`` in whatever code runs when a request's code overstays, so a request that
+loops fails alone and its batch-mates go on; if the model itself is what runs late,
+the whole batch fails with that error.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
+import signal
 
 import greenlet
 
@@ -151,22 +158,46 @@ class GroupTracer(Tracer):
         return super().backward(*args, **kwargs)
 
 
+class JobTimeout(BaseException):
+    """A co-batched request's code ran past the time limit (a BaseException: ``except Exception`` in user code cannot swallow it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds, message):
+    """Raise ``JobTimeout(message)`` in the running code after ``seconds``, then again every tenth of that."""
+    if not seconds or seconds <= 0:
+        yield
+        return
+
+    def expired(signum, frame):
+        raise JobTimeout(message)
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds, max(0.05, seconds / 8))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _isolated(body, tracer):
     """The invoke body of one request: its exception ends its own code only."""
 
     def run():
         try:
             body()
-        except Exception as error:  # noqa: BLE001 - reported to that request alone, never to its batch-mates
+        except (Exception, JobTimeout) as error:  # noqa: BLE001 - reported to that request alone, never to its batch-mates
             tracer.outcome = error
 
     return run
 
 
-def run_group(model, jobs: list, run_one):
+def run_group(model, jobs: list, run_one, timeout=None, timeout_message="the job ran past the server's time limit"):
     """Run ``jobs`` together; ``run_one(job, make_context)`` runs one request's code. Yields ``(job, outcome)``.
 
-    ``outcome`` is what ``run_one`` returned, or the exception it raised.
+    ``outcome`` is what ``run_one`` returned, or the exception it raised. ``timeout``: seconds
+    before a request's running code is stopped with ``JobTimeout`` (None: no limit here).
     """
     group = _Group()
     parked = []  # (job, greenlet, tracer)
@@ -221,8 +252,9 @@ def run_group(model, jobs: list, run_one):
     failure = None
     try:
         lead._invokers = invokers
-        Tracer._execute(lead, None)
-    except Exception as error:  # noqa: BLE001 - the shared pass itself failed: every request in it is told
+        with time_limit(timeout, timeout_message):
+            Tracer._execute(lead, None)
+    except (Exception, JobTimeout) as error:  # noqa: BLE001 - the shared pass itself failed: every request in it is told
         failure = error
     for job, glet, tracer in parked:
         if failure is not None and tracer.outcome is None:

@@ -75,8 +75,12 @@ class Worker:
     def _reply(self, job, outcome):
         from ..sandbox.runner import describe_error, forget
 
+        from .cobatch import JobTimeout
+
         job_id = job["id"]
-        if isinstance(outcome, BaseException):
+        if isinstance(outcome, JobTimeout):
+            reply = {"type": "error", "id": job_id, "error": {"type": "TimeoutError", "message": str(outcome), "traceback": []}}
+        elif isinstance(outcome, BaseException):
             reply = {"type": "error", "id": job_id,
                      "error": describe_error(outcome, job_id, job["request"].get("filename") or "<remote>")}
         else:
@@ -105,7 +109,10 @@ class Worker:
                 replies.append(self._reply(job, outcome))
                 del outcome
             else:
-                for job, outcome in run_group(self.model, group, self._run_one):
+                timeout = float(self.limits.get("job_timeout") or 0)
+                message = f"the job ran longer than the server's limit of {timeout} s and was stopped"
+                # Stopped here at 80% of the limit, so batch-mates can finish before the supervisor's own limit.
+                for job, outcome in run_group(self.model, group, self._run_one, 0.8 * timeout, message):
                     replies.append(self._reply(job, outcome))
                     del outcome
             ran = time.monotonic()
