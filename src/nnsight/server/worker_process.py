@@ -146,6 +146,9 @@ def main():
     limits = init.get("limits", {})
     worker = Worker(out, limits, init["spec"])
     gc.collect()
+    # Everything alive now (torch, transformers, the model) stays for the worker's life; frozen,
+    # the collection after each job scans only what jobs created (~0.1 ms instead of ~400 ms).
+    gc.freeze()
     _limit_files()
     layers = apply_isolation(init.get("data_dir"), limits.get("memory_mb"), worker.weight_bytes,
                              enabled=bool(limits.get("isolate", True)))
