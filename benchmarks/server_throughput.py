@@ -20,6 +20,7 @@ Options:
     --quick       fewer requests; skip SmolLM2
     --no-overhead skip the per-request breakdown
     --json PATH   also write the raw figures
+    --weights-every N   passed to the servers (default 50; a full checksum of GPT-2-small's weights costs ~0.4 s)
 """
 
 from __future__ import annotations
@@ -260,6 +261,8 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-overhead", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--weights-every", type=int, default=50,
+                        help="the servers' weights checksum interval in jobs (the server's default is 1)")
     args = parser.parse_args()
     names = (args.models or ("tiny,gpt2-small" if args.quick else "tiny,gpt2-small,smollm2")).split(",")
     clients = [int(c) for c in args.clients.split(",")]
@@ -272,7 +275,7 @@ def main():
             for mode in ("off", "any"):
                 server = Server(spec, root / f"data-{name}-{mode}",
                                 ["--co-batch", mode, "--max-batch", "16", "--rate-limit", "100000",
-                                 "--max-concurrent", "64", "--job-timeout", "300"])
+                                 "--max-concurrent", "64", "--job-timeout", "300", "--weights-every", str(args.weights_every)])
                 try:
                     for c in clients:
                         total = args.requests or (max(12, 2 * c) if args.quick else max(24, 3 * c))

@@ -36,6 +36,8 @@ def server(tmp_path_factory):
 def test_health_models_openapi_status_page_metrics(server):
     health = requests.get(server.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["models"] == {"tiny-gpt2": "ready"}
+    assert set(health["isolation"]) == {"network", "data_dir", "user", "seccomp", "memory"}
+    assert all(v.startswith(("active", "not available (")) for v in health["isolation"].values()), health["isolation"]
     models = requests.get(server.url + "/v1/models", timeout=10).json()
     assert models[0]["name"] == "tiny-gpt2" and models[0]["config"]["n_layer"] == 2
     tok = requests.get(server.url + "/v1/models/tiny-gpt2/tokenizer", timeout=10).json()

@@ -62,10 +62,12 @@ class Integrity:
         for _, t in self.tensors:
             t.grad = None
 
-    def check(self) -> str | None:
+    def check(self, jobs: int = 1) -> str | None:
+        """What changed, or None; ``jobs``: how many jobs ran since the last check (a co-batch runs several)."""
         from ..tracing.interleaver import ModuleHook
 
-        self.jobs += 1
+        before = self.jobs
+        self.jobs += jobs
         if self._state() != self.state:
             return "the model's parameters, buffers, hooks or module attributes changed"
         for cls, attrs in self.classes.items():
@@ -77,6 +79,7 @@ class Integrity:
             return "a tracing hook was left on the model"
         if getattr(self.model, "_edits", None):
             return "persistent edits were left on the model"
-        if self.weights_every and self.jobs % self.weights_every == 0 and self._crc() != self.crc:
+        due = self.weights_every and self.jobs // self.weights_every > before // self.weights_every
+        if due and self._crc() != self.crc:
             return "the model's weights changed"
         return None

@@ -172,7 +172,7 @@ def _memory(memory_mb, weight_bytes):
             vm = next((int(line.split()[1]) << 10 for line in f if line.startswith("VmSize:")), 0)
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         headroom = min(max(2 << 30, 2 * weight_bytes), max(1 << 30, total // 2))
-        wanted = vm + headroom
+        wanted = (vm + headroom) >> 20 << 20
     else:
         wanted = memory_mb << 20
     try:

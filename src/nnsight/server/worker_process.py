@@ -118,7 +118,7 @@ class Worker:
             ran = time.monotonic()
             self.integrity.reset()
             gc.collect()
-            problem = self.integrity.check()
+            problem = self.integrity.check(len(group))
             if problem is not None:
                 self.send({"type": "tainted", "reason": problem})
                 os._exit(3)
