@@ -52,7 +52,17 @@ def create_app(settings: Settings, start_workers: bool = True) -> FastAPI:
     hub = JobHub(settings, jobs, job_queue, metrics)
     hub.adopt_finished(jobs.finished_jobs(), time.time())
     budget = MemoryBudget(int(settings.memory_budget_gb * (1 << 30))) if settings.memory_budget_gb > 0 else None
-    workers = {name: WorkerSupervisor(name, spec, settings, job_queue, hub, budget=budget) for name, spec in specs}
+    unknown = set(settings.replicas) - set(names)
+    if unknown:
+        raise ValueError(f"--replicas names models that are not served: {', '.join(sorted(unknown))}")
+    if settings.ray is not None:
+        from .replicas import RaySupervisor, connect
+
+        connect(settings.ray, settings.ray_cpus)
+        workers = {name: RaySupervisor(name, spec, settings, job_queue, hub, settings.replicas.get(name, 1),
+                                       settings.replica_gpus, settings.replica_memory_gb) for name, spec in specs}
+    else:
+        workers = {name: WorkerSupervisor(name, spec, settings, job_queue, hub, budget=budget) for name, spec in specs}
     if budget is not None:
         budget.supervisors.extend(workers.values())
     state = ServerState(settings=settings, keys=keys, jobs=jobs, queue=job_queue, hub=hub, metrics=metrics,

@@ -78,9 +78,21 @@ def _serve(argv):
     parser.add_argument("--lazy", action="store_true", help="load each model on its first request")
     parser.add_argument("--memory-budget-gb", type=float, default=0.0,
                         help="with --lazy: unload least recently used models to keep weights under this (0: no budget)")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="run replicas as Ray actors: on the cluster at ADDRESS, or a local Ray instance")
+    parser.add_argument("--ray-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
+    parser.add_argument("--replicas", action="append", default=[], metavar="NAME=N", help="replicas of a model on Ray")
+    parser.add_argument("--replica-gpus", type=float, default=0.0, help="GPUs each Ray replica declares")
+    parser.add_argument("--replica-memory-gb", type=float, default=0.0, help="memory each Ray replica declares")
     parser.add_argument("--no-isolate", dest="isolate", action="store_false",
                         help="run workers without the namespace/seccomp layers")
     args = parser.parse_args(argv)
+    replicas = {}
+    for item in args.replicas:
+        name, _, count = item.partition("=")
+        if not count.isdigit() or int(count) < 1:
+            parser.error(f"--replicas takes NAME=N with N >= 1, not {item!r}")
+        replicas[name] = int(count)
     settings = Settings(
         models=args.models, data_dir=args.data_dir or default_data_dir(), job_timeout=args.job_timeout,
         memory_mb=args.memory_mb, max_body_bytes=int(args.max_body_mb * (1 << 20)),
@@ -88,7 +100,8 @@ def _serve(argv):
         rate_limit=args.rate_limit, max_concurrent=args.max_concurrent, max_queue=args.max_queue,
         threads=args.threads, weights_every=args.weights_every, result_ttl=args.result_ttl, co_batch=args.co_batch,
         max_batch=args.max_batch, batch_wait_ms=args.batch_wait_ms, lazy=args.lazy,
-        memory_budget_gb=args.memory_budget_gb, isolate=args.isolate,
+        memory_budget_gb=args.memory_budget_gb, isolate=args.isolate, ray=args.ray, ray_cpus=args.ray_cpus,
+        replicas=replicas, replica_gpus=args.replica_gpus, replica_memory_gb=args.replica_memory_gb,
     )
     import uvicorn
 

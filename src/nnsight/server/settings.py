@@ -40,6 +40,11 @@ class Settings:
     batch_wait_ms: float = 2.0  # how long the first request of a batch waits for batch-mates
     lazy: bool = False  # load each model on its first request instead of at start
     memory_budget_gb: float = 0.0  # with lazy: unload least recently used models to stay under this (0: no budget)
+    ray: str | None = None  # run replicas as Ray actors: a cluster address, or "local" (None: worker processes here)
+    ray_cpus: int | None = None  # CPUs of a local Ray instance (None: all)
+    replicas: dict = field(default_factory=dict)  # model name -> replicas on Ray (default 1)
+    replica_gpus: float = 0.0  # GPUs each Ray replica declares
+    replica_memory_gb: float = 0.0  # memory each Ray replica declares (0: none declared)
     isolate: bool = True  # drop network/user/syscalls in workers where the machine allows (see isolation.py)
 
     def __post_init__(self):
@@ -49,6 +54,8 @@ class Settings:
             raise ValueError("max_batch must be at least 1")
         if self.batch_wait_ms < 0:
             raise ValueError("batch_wait_ms must not be negative")
+        if self.ray is not None and self.lazy:
+            raise ValueError("--lazy is not available with --ray yet: Ray replicas are loaded at start")
         if self.result_ttl <= 0:
             raise ValueError("result_ttl must be positive")
 

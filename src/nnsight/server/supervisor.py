@@ -129,7 +129,8 @@ class WorkerSupervisor:
         self._wanted.set()
         self._kill()
 
-    def _spawn(self):
+    def spawn(self):
+        """Start the worker process and wait until its model is loaded (raises RuntimeError if it does not start)."""
         self.state = "loading"
         if self.budget is not None:
             unloaded = self.budget.make_room(self, _weights_on_disk(self.spec))
@@ -213,7 +214,7 @@ class WorkerSupervisor:
                     continue
             if self.proc is None or self.proc.poll() is not None or self.state != "ready":
                 try:
-                    self._spawn()
+                    self.spawn()
                     failures = 0
                 except Exception as error:  # noqa: BLE001 - any start failure is reported and retried with backoff
                     failures += 1
@@ -226,20 +227,13 @@ class WorkerSupervisor:
             if job_id is None:
                 continue
             self.last_used = time.monotonic()
-            self._run_batch(self._gather(job_id))
+            self.run_batch(self._gather(job_id))
 
     def _gather(self, first):
-        """``first`` and the batch-mates queued within the batching window."""
-        settings = self.settings
-        if settings.co_batch == "off" or settings.max_batch <= 1:
-            return [first]
-        more = settings.max_batch - 1
-        if settings.batch_wait_ms > 0:
-            self.queue.wait(self.name, more, settings.batch_wait_ms / 1000)
-        key = self.hub.key_of(first) if settings.co_batch == "per-key" else None
-        return [first, *self.queue.take(self.name, more, key=key)]
+        return gather_batch(self.queue, self.hub, self.settings, self.name, first)
 
-    def _run_batch(self, job_ids):
+    def run_batch(self, job_ids):
+        """Run these jobs (taken from the queue) on the worker, reporting each to the hub; returns when all ended."""
         jobs = []
         for job_id in job_ids:
             request = self.hub.take_request(job_id)
@@ -355,6 +349,17 @@ class WorkerSupervisor:
         if code == 3:
             return "changed the served model"
         return f"crashed the model worker (exit code {code}; out of memory?)"
+
+
+def gather_batch(queue, hub, settings, model, first) -> list:
+    """``first`` and the batch-mates queued for ``model`` within the batching window (co-batching)."""
+    if settings.co_batch == "off" or settings.max_batch <= 1:
+        return [first]
+    more = settings.max_batch - 1
+    if settings.batch_wait_ms > 0:
+        queue.wait(model, more, settings.batch_wait_ms / 1000)
+    key = hub.key_of(first) if settings.co_batch == "per-key" else None
+    return [first, *queue.take(model, more, key=key)]
 
 
 def _weights_on_disk(spec) -> int:

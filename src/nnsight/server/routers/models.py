@@ -28,7 +28,8 @@ class ServedModel(ModelInfo):
 
 def _served(name, worker) -> ServedModel:
     info = worker.info or {"name": name, "kind": "language", "config": {}}
-    return ServedModel(**{k: v for k, v in info.items() if k != "tokenizer"}, status=worker.state, replicas=1)
+    replicas = len(getattr(worker, "replicas", ())) or 1
+    return ServedModel(**{k: v for k, v in info.items() if k != "tokenizer"}, status=worker.state, replicas=replicas)
 
 
 def _info(state: ServerState, name: str) -> dict:

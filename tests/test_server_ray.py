@@ -1,0 +1,96 @@
+"""Ray mode (--ray): replicas as Ray actors on a local Ray instance (127.0.0.1, 2 CPUs), a killed replica replaced."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+pytest.importorskip("ray")
+requests = pytest.importorskip("requests")
+psutil = pytest.importorskip("psutil")
+torch = pytest.importorskip("torch")
+
+from nnsight.remote.serialize import decode_values  # noqa: E402
+from test_remote_support import create_key, make_tiny_gpt2, start_server  # noqa: E402
+
+MODEL = {"$t": "envoy", "path": "model"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ray")
+    folder = make_tiny_gpt2(root / "tiny")
+    data = root / "data"
+    key = create_key(data)
+    srv = start_server([f"tiny={folder}"], data, "--ray", "--ray-cpus", "2", "--replicas", "tiny=2",
+                       "--job-timeout", "20", "--max-concurrent", "16", timeout=240)
+    srv.key = key
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def submit(server, source, prompt="Hello"):
+    req = {"model": "tiny", "kind": "trace", "source": source, "body_lineno": 2, "inputs": [prompt], "variables": {"model": MODEL}}
+    r = requests.post(server.url + "/v1/jobs", json=req, headers={"X-API-Key": server.key}, timeout=10)
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def wait(server, job, timeout=120):
+    h = {"X-API-Key": server.key}
+    deadline = time.monotonic() + timeout
+    while True:
+        state = requests.get(f"{server.url}/v1/jobs/{job}", headers=h, timeout=10).json()
+        if state["status"] in ("completed", "error", "cancelled"):
+            return state
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+
+
+def result(server, job):
+    body = requests.get(f"{server.url}/v1/jobs/{job}/result", headers={"X-API-Key": server.key}, timeout=10).json()
+    return decode_values(body["values"], body["tensors"])
+
+
+def replica_processes(server):
+    return [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+            if "ModelReplica" in " ".join(p.cmdline() if p.is_running() else [])]
+
+
+def test_replicas_serve_jobs_with_prints_and_errors(server):
+    models = requests.get(server.url + "/v1/models", timeout=10).json()
+    assert models[0]["status"] == "ready" and models[0]["replicas"] == 2
+    jobs = [submit(server, f"    print('job', {i})\n    out = model.lm_head.output.save()\n") for i in range(6)]
+    states = [wait(server, j) for j in jobs]
+    assert [s["status"] for s in states] == ["completed"] * 6
+    assert [s["stdout"] for s in states] == [f"job {i}\n" for i in range(6)]
+    assert result(server, jobs[0])["out"].shape[:2] == (1, 1)
+    bad = wait(server, submit(server, "    x = 1 / 0\n"))
+    assert bad["status"] == "error" and bad["error"]["type"] == "ZeroDivisionError"
+    assert len(replica_processes(server)) == 2
+
+
+def test_a_killed_replica_fails_its_job_and_is_replaced(server):
+    looping = submit(server, "    while True:\n        pass\n")
+    deadline = time.monotonic() + 30
+    victim = None
+    while victim is None:  # the replica whose worker is busy burns CPU
+        assert time.monotonic() < deadline
+        for p in replica_processes(server):
+            if any(c.cpu_percent(interval=0.2) > 50 for c in p.children(recursive=True)):
+                victim = p
+        time.sleep(0.1)
+    victim.send_signal(signal.SIGKILL)
+    state = wait(server, looping)
+    assert state["status"] == "error" and "replica running the job died" in state["error"]["message"]
+    ok = wait(server, submit(server, "    out = model.lm_head.output.save()\n"))
+    assert ok["status"] == "completed"
+    deadline = time.monotonic() + 60
+    while len(replica_processes(server)) != 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert "nnsight_worker_restarts_total" in requests.get(server.url + "/metrics", timeout=10).text
