@@ -13,24 +13,15 @@ pytest.importorskip("fastapi")
 torch = pytest.importorskip("torch")
 
 from nnsight.remote.serialize import Encoder, decode_values  # noqa: E402
-from test_remote_support import create_key, make_tiny_gpt2, start_server  # noqa: E402
+from conftest import served_tiny_gpt2  # noqa: E402
 
 MODEL = {"$t": "envoy", "path": "model"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    folder = make_tiny_gpt2(root / "tiny")
-    data = root / "data"
-    keys = [create_key(data, f"client{i}") for i in range(8)]
-    srv = start_server([f"tiny-gpt2={folder}"], data, "--job-timeout", "20", "--rate-limit", "10000",
-                       "--max-concurrent", "4", "--weights-every", "50")
-    srv.keys = keys
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from served_tiny_gpt2(tmp_path_factory, "server", ["--job-timeout", "20", "--rate-limit", "10000",
+                                "--max-concurrent", "4", "--weights-every", "50"], keys=8, models=["tiny-gpt2"])
 
 
 def test_health_models_openapi_status_page_metrics(server):

@@ -11,7 +11,7 @@ pytest.importorskip("fastapi")
 torch = pytest.importorskip("torch")
 
 from nnsight.remote.serialize import decode_values  # noqa: E402
-from test_remote_support import create_key, make_tiny_gpt2, start_server  # noqa: E402
+from conftest import served_tiny_gpt2  # noqa: E402
 
 MODEL = {"$t": "envoy", "path": "model"}
 BODY = "    logits = model.lm_head.output.save()\n"
@@ -19,17 +19,9 @@ BODY = "    logits = model.lm_head.output.save()\n"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lazy")
-    a = make_tiny_gpt2(root / "a")  # ~6.5 MB of weights each: a budget of 10 MB holds one
-    b = make_tiny_gpt2(root / "b")
-    data = root / "data"
-    key = create_key(data)
-    srv = start_server([f"a={a}", f"b={b}"], data, "--lazy", "--memory-budget-gb", "0.01", "--job-timeout", "60")
-    srv.key = key
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    # ~6.5 MB of weights each: a budget of 10 MB holds one of the two
+    yield from served_tiny_gpt2(tmp_path_factory, "lazy", ["--lazy", "--memory-budget-gb", "0.01", "--job-timeout", "60"],
+                                models=["a", "b"])
 
 
 def statuses(server):

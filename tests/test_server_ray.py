@@ -13,24 +13,15 @@ psutil = pytest.importorskip("psutil")
 torch = pytest.importorskip("torch")
 
 from nnsight.remote.serialize import decode_values  # noqa: E402
-from test_remote_support import create_key, make_tiny_gpt2, start_server  # noqa: E402
+from conftest import served_tiny_gpt2  # noqa: E402
 
 MODEL = {"$t": "envoy", "path": "model"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ray")
-    folder = make_tiny_gpt2(root / "tiny")
-    data = root / "data"
-    key = create_key(data)
-    srv = start_server([f"tiny={folder}"], data, "--ray", "--ray-cpus", "2", "--replicas", "tiny=2",
-                       "--job-timeout", "20", "--max-concurrent", "16", timeout=240)
-    srv.key = key
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from served_tiny_gpt2(tmp_path_factory, "ray", ["--ray", "--ray-cpus", "2", "--replicas", "tiny=2",
+                                "--job-timeout", "20", "--max-concurrent", "16"], timeout=240)
 
 
 def submit(server, source, prompt="Hello"):

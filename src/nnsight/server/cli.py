@@ -74,7 +74,7 @@ def _serve(argv):
                         help="which queued trace requests share a forward pass: any key, per key, or off")
     parser.add_argument("--max-batch", type=int, default=8, help="requests in one co-batched forward")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
-                        help="how long the first request of a batch waits for batch-mates")
+                        help="how long a batch waits for more batch-mates once other requests are queued")
     parser.add_argument("--lazy", action="store_true", help="load each model on its first request")
     parser.add_argument("--memory-budget-gb", type=float, default=0.0,
                         help="with --lazy: unload least recently used models to keep weights under this (0: no budget)")

@@ -173,7 +173,7 @@ def time_limit(seconds, message):
         raise JobTimeout(message)
 
     previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds, max(0.05, seconds / 8))
+    signal.setitimer(signal.ITIMER_REAL, seconds, max(0.05, seconds / 10))
     try:
         yield
     finally:
@@ -234,7 +234,8 @@ def run_group(model, jobs: list, run_one, timeout=None, timeout_message="the job
         if tracer is None:
             continue
         if tracer.own_invoke() is None:
-            step(job, glet, "alone")
+            with time_limit(timeout, timeout_message):  # its own pass, under the same limit
+                step(job, glet, "alone")
         else:
             parked.append((job, glet, tracer))
     yield from finished

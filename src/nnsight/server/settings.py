@@ -37,7 +37,7 @@ class Settings:
     result_ttl: float = 24 * 3600.0  # seconds a finished job (status, events, result) is kept
     co_batch: str = "any"  # which queued trace requests may share one forward: any, per-key, off
     max_batch: int = 8  # requests in one co-batched forward
-    batch_wait_ms: float = 2.0  # how long the first request of a batch waits for batch-mates
+    batch_wait_ms: float = 2.0  # how long a batch waits for more batch-mates once others are queued
     lazy: bool = False  # load each model on its first request instead of at start
     memory_budget_gb: float = 0.0  # with lazy: unload least recently used models to stay under this (0: no budget)
     ray: str | None = None  # run replicas as Ray actors: a cluster address, or "local" (None: worker processes here)

@@ -356,7 +356,8 @@ def gather_batch(queue, hub, settings, model, first) -> list:
     if settings.co_batch == "off" or settings.max_batch <= 1:
         return [first]
     more = settings.max_batch - 1
-    if settings.batch_wait_ms > 0:
+    # The window is for a burst in progress: with nothing else queued a lone request starts at once.
+    if settings.batch_wait_ms > 0 and queue.depth(model) > 0:
         queue.wait(model, more, settings.batch_wait_ms / 1000)
     key = hub.key_of(first) if settings.co_batch == "per-key" else None
     return [first, *queue.take(model, more, key=key)]

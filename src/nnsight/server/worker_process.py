@@ -32,6 +32,21 @@ def _limit_files(files: int = 256):
             pass
 
 
+def _die_with_parent():
+    """Get SIGKILL when the supervisor dies: a job stuck in a loop never reads the pipe's end-of-file."""
+    import ctypes
+    import ctypes.util
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except OSError:  # pragma: no cover (not Linux): the supervisor's kill on timeout still applies
+        return
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+
 class Worker:
     """One loaded model and what running a job against it needs."""
 
@@ -48,7 +63,7 @@ class Worker:
         name, source = models.parse_spec(spec)
         self.model, folder = models.load(source)
         self.info = models.describe(name, self.model, folder)
-        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model._module.parameters())
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in self.model.parameters())
         self.guards = CoBatchGuards(self.model)
         self.integrity = Integrity(self.model, int(limits.get("weights_every", 1)))
         self.max_batch = max(1, int(limits.get("max_batch", 64)))
@@ -93,7 +108,7 @@ class Worker:
         """Run one batch message's jobs; ``received`` is when it arrived (time.monotonic, for the IPC timing)."""
         from .cobatch import plan_batches, run_group
 
-        groups = plan_batches(self.model, jobs, len(jobs)) if co_batch else [[job] for job in jobs]
+        groups = plan_batches(self.model, jobs, len(jobs)) if co_batch and len(jobs) > 1 else [[job] for job in jobs]
         for group in groups:
             started = time.monotonic()
             self.send({"type": "group", "size": len(group)})
@@ -133,6 +148,7 @@ def main():
     import faulthandler
 
     faulthandler.enable()  # a crash leaves a Python traceback in the server's log
+    _die_with_parent()
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints go to stderr, never into the protocol stream
     inp = os.fdopen(os.dup(0), "rb")
