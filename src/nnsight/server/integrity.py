@@ -64,7 +64,7 @@ class Integrity:
 
     def check(self, jobs: int = 1) -> str | None:
         """What changed, or None; ``jobs``: how many jobs ran since the last check (a co-batch runs several)."""
-        from ..tracing.interleaver import ModuleHook
+        from ..tracing.interleaver import installed_slots
 
         before = self.jobs
         self.jobs += jobs
@@ -75,7 +75,7 @@ class Integrity:
                 return f"the class {cls.__name__} changed"
         if self._torch_state() != self.torch_state:
             return "torch's global state changed"
-        if ModuleHook.installed:
+        if installed_slots(self.module):
             return "a tracing hook was left on the model"
         if getattr(self.model, "_edits", None):
             return "persistent edits were left on the model"
