@@ -203,3 +203,13 @@ def test_a_request_that_loops_times_out_alone(model):
     assert type(out["cb1"]).__name__ == "JobTimeout" and str(out["cb1"]) == "too long"
     for g in good:
         assert_same(decode_values(*out[g["id"]]), alone(model, g))
+
+
+def test_a_co_batch_leaves_local_tracing_as_it_was(model):
+    together(model, [job(i, TYPICAL) for i in range(3)])
+    with model.trace("Hello"):
+        kept = model.lm_head.output.save()
+        dropped = model.lm_head.output.sum()
+    assert kept.shape[0] == 1
+    with pytest.raises(NameError):
+        dropped  # noqa: B018 - unsaved names are not bound after a local trace, co-batch or not

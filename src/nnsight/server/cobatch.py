@@ -113,6 +113,9 @@ class CoBatchGuards(Guards):
         return super().module_attr(name, module, attr)
 
 
+_UNSET = object()
+
+
 class _Group:
     def __init__(self):
         self.main = greenlet.getcurrent()
@@ -121,6 +124,7 @@ class _Group:
         # trace that runs the forward (the lead). Each request still binds only names of its
         # own scope, which can hold none of its batch-mates' objects.
         self.saved = {}
+        self.outer = _UNSET  # the block context running when the group began (None in a worker)
 
 
 class GroupTracer(Tracer):
@@ -133,7 +137,14 @@ class GroupTracer(Tracer):
         self.outcome = None  # the exception of this request's own code, if it raised
 
     def _execute(self, scope):
-        order = self.group.main.switch(self)
+        # The requests' blocks begin one after another in this thread, so the engine would see
+        # each as running inside the previous one (as a trace inside a session). They are
+        # independent: each runs inside whatever ran before the group, nothing else.
+        group = self.group
+        if group.outer is _UNSET:
+            group.outer = self.parent
+        self.parent = group.outer
+        order = group.main.switch(self)
         if order == "alone":
             return super()._execute(scope)
         if self.outcome is not None:
@@ -257,7 +268,9 @@ def run_group(model, jobs: list, run_one, timeout=None, timeout_message="the job
             Tracer._execute(lead, None)
     except (Exception, JobTimeout) as error:  # noqa: BLE001 - the shared pass itself failed: every request in it is told
         failure = error
-    for job, glet, tracer in parked:
+    # Last parked, first resumed: each request's block context ends in the reverse order it began,
+    # so the engine's per-thread record of the running context unwinds to what it was before.
+    for job, glet, tracer in reversed(parked):
         if failure is not None and tracer.outcome is None:
             tracer.outcome = failure
         step(job, glet, "batched")
