@@ -84,6 +84,9 @@ class ModelReplica:
         self.supervisor.on_isolation = self.isolation.update
         self.supervisor.spawn()
 
+    def ping(self) -> bool:
+        return True
+
     def describe(self) -> dict:
         return {"info": self.supervisor.info, "weight_bytes": self.supervisor.weight_bytes,
                 "isolation": dict(self.isolation), "pid": os.getpid()}
@@ -202,16 +205,60 @@ class RaySupervisor:
                 if self._stop.wait(5):
                     return
         self.state = "ready"
+        last_try = time.monotonic()
         while not self._stop.is_set():
+            if len(self.replicas) < self.wanted_replicas and time.monotonic() - last_try > 5:
+                last_try = time.monotonic()  # a replacement that failed to start: try again, every 5 s
+                try:
+                    self._new_replica()
+                except Exception as error:  # noqa: BLE001 - reported; tried again
+                    self.hub.worker_failed(self.name, str(error))
             free = self._free()
             if free:
                 job_id = self.queue.get(self.name, timeout=0.05 if self.running else 0.5)
                 if job_id is not None:
-                    self._dispatch(free[0], gather_batch(self.queue, self.hub, self.settings, self.name, job_id))
+                    actor = self._alive(free)
+                    if actor is None:  # every free replica had died: the job waits for a replacement
+                        self._requeue(job_id)
+                    else:
+                        self._dispatch(actor, gather_batch(self.queue, self.hub, self.settings, self.name, job_id))
             if self.running:
                 done, _ = ray.wait(list(self.running), num_returns=1, timeout=0 if free else 0.2)
                 for ref in done:
                     self._collect(ref)
+
+    def _alive(self, free):
+        """The first of ``free`` that answers; dead ones are replaced (a job is never sent to a dead replica)."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        for actor in free:
+            try:
+                ray.get(actor.ping.remote(), timeout=30)
+                return actor
+            except (RayActorError, GetTimeoutError) as error:
+                self._replace(actor, f"replica died ({type(error).__name__})")
+        return None
+
+    def _requeue(self, job_id):
+        key = self.hub.key_of(job_id) or ""
+        self.queue.put(self.name, job_id, key)
+
+    def _replace(self, actor, why):
+        import ray
+
+        if actor in self.replicas:
+            self.replicas.remove(actor)
+        try:
+            ray.kill(actor)
+        except Exception:  # noqa: BLE001 - Ray raises several types for an actor already gone
+            pass
+        self.restarts += 1
+        self.hub.worker_restarted(self.name, why)
+        try:
+            self._new_replica()
+        except Exception as failure:  # noqa: BLE001 - reported; the next dispatch round tries again
+            self.hub.worker_failed(self.name, str(failure))
 
     def _dispatch(self, actor, job_ids):
         jobs = []
@@ -239,13 +286,7 @@ class RaySupervisor:
             for job_id in ids:
                 self.hub.failed(job_id, "RemoteError", "the replica running the job died; the job was not completed")
             self.current.difference_update(ids)
-            self.replicas.remove(actor)
-            self.restarts += 1
-            self.hub.worker_restarted(self.name, f"replica died ({type(error).__name__})")
-            try:
-                self._new_replica()
-            except Exception as failure:  # noqa: BLE001 - the next dispatch round tries again
-                self.hub.worker_failed(self.name, str(failure))
+            self._replace(actor, f"replica died ({type(error).__name__})")
             return
         for event in events:
             kind, job_id = event[0], event[1]
