@@ -82,7 +82,7 @@ def test_lazy_model_is_cold_until_wanted_and_queues_its_jobs(client):
     r = client.post("/v1/jobs", json=REQUEST, headers=client.key)
     assert r.status_code == 202 and r.json()["status"] == "queued" and r.json()["position"] == 0
     assert client.state.workers["m"]._wanted.is_set()
-    assert client.get("/v1/models/m").status_code == 503
+    assert client.get("/v1/models/m").status_code == 503  # no folder to read the config from: known once loaded
 
 
 def test_openapi_lists_every_router(client):

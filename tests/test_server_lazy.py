@@ -56,6 +56,10 @@ def wait_for(server, wanted, timeout=30):
 
 def test_models_start_cold_and_load_on_first_request(server):
     assert statuses(server) == {"a": "cold", "b": "cold"}
+    cold = requests.get(server.url + "/v1/models/a", timeout=10).json()  # known from the folder, not loaded
+    assert cold["status"] == "cold" and cold["config"]["n_layer"] == 2
+    assert "vocab.json" in requests.get(server.url + "/v1/models/a/tokenizer", timeout=10).json()["files"]
+    assert statuses(server) == {"a": "cold", "b": "cold"}
     assert requests.get(server.url + "/health", timeout=10).json()["status"] == "ok"
     logits, events = run(server, "a")
     assert logits.shape[:2] == (1, 1)

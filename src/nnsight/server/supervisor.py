@@ -25,6 +25,7 @@ import tempfile
 import threading
 import time
 
+from . import models
 from .protocol import ProtocolError, read_msg, write_msg
 
 _EOF = object()
@@ -88,7 +89,8 @@ class WorkerSupervisor:
         self.budget = budget
         self.lazy = bool(settings.lazy)
         self.state = "cold" if self.lazy else "starting"
-        self.info = None
+        # A cold model's config and tokenizer come from its folder, so clients can build it before it loads.
+        self.info = models.describe_folder(name, spec) if self.lazy else None
         self.proc = None
         self.inbox = None
         self.restarts = 0
