@@ -86,3 +86,21 @@ def test_a_killed_replica_fails_its_job_and_is_replaced(server):
         time.sleep(0.2)
     assert {p.pid for p in replica_processes(server)}.isdisjoint({p.pid for p in killed})
     assert "nnsight_worker_restarts_total" in requests.get(server.url + "/metrics", timeout=10).text
+
+
+def test_cancel_a_running_job_replaces_its_replica(server):
+    h = {"X-API-Key": server.key}
+    job = submit(server, "    while True:\n        pass\n")
+    deadline = time.monotonic() + 60
+    while requests.get(f"{server.url}/v1/jobs/{job}", headers=h, timeout=10).json()["status"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    before = {p.pid for p in replica_processes(server)}
+    requests.delete(f"{server.url}/v1/jobs/{job}", headers=h, timeout=10)
+    assert wait(server, job)["status"] == "cancelled"
+    assert wait(server, submit(server, "    out = model.lm_head.output.save()\n"))["status"] == "completed"
+    deadline = time.monotonic() + 120
+    while len(replica_processes(server)) != 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert len({p.pid for p in replica_processes(server)} - before) == 1  # the cancelled one's replica was replaced

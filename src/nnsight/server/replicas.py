@@ -15,7 +15,8 @@ queued are not affected. Without ``--ray`` nothing here is imported.
 
 Requests reach replicas as the server's own validated dicts; Ray's transport between the server
 and its actors is trusted (user payloads are never unpickled: they are JSON, checked on arrival).
-Printed text arrives with the job's end in Ray mode, not streamed while it runs.
+Printed text arrives with the job's end in Ray mode, not streamed while it runs. Cancelling a
+running job stops its replica once every job of its batch is cancelled, and starts a new one.
 """
 
 from __future__ import annotations
@@ -226,6 +227,7 @@ class RaySupervisor:
                 done, _ = ray.wait(list(self.running), num_returns=1, timeout=0 if free else 0.2)
                 for ref in done:
                     self._collect(ref)
+                self._cancel_running()
 
     def _alive(self, free):
         """The first of ``free`` that answers; dead ones are replaced (a job is never sent to a dead replica)."""
@@ -274,6 +276,16 @@ class RaySupervisor:
         for job_id in ids:
             self.hub.running(job_id)
         self.running[actor.run_batch.remote(jobs)] = (actor, ids)
+
+    def _cancel_running(self):
+        """A running batch whose every job was cancelled: stop its replica (as without Ray) and replace it."""
+        for ref, (actor, ids) in list(self.running.items()):
+            if ids and all(self.hub.cancel_requested(job_id) for job_id in ids):
+                del self.running[ref]
+                for job_id in ids:
+                    self.hub.cancelled(job_id)
+                self.current.difference_update(ids)
+                self._replace(actor, "cancelled while running")
 
     def _collect(self, ref):
         import ray
