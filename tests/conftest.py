@@ -355,3 +355,23 @@ def make_image():
 def readme_example():
     """``readme_example(heading, replacements, scope, folder)``: run that README block (see run_readme_example)."""
     return run_readme_example
+
+
+def served_tiny_gpt2(tmp_path_factory, name, flags=(), keys=1, models=("tiny",), timeout=120):
+    """A real ``nnsight serve`` subprocess serving tiny GPT-2 folders (one per name in ``models``).
+
+    Yields the server with ``.keys`` (``keys`` API keys) and ``.key`` (the first); stops it after.
+    For module-scoped fixtures: ``yield from served_tiny_gpt2(tmp_path_factory, "ray", ["--ray"])``.
+    """
+    from test_remote_support import create_key, make_tiny_gpt2, start_server
+
+    root = tmp_path_factory.mktemp(name)
+    specs = [f"{model}={make_tiny_gpt2(root / model)}" for model in models]
+    data = root / "data"
+    created = [create_key(data, f"client{i}") for i in range(keys)]
+    server = start_server(specs, data, *flags, timeout=timeout)
+    server.keys, server.key = created, created[0]
+    try:
+        yield server
+    finally:
+        server.stop()

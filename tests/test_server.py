@@ -13,29 +13,22 @@ pytest.importorskip("fastapi")
 torch = pytest.importorskip("torch")
 
 from nnsight.remote.serialize import Encoder, decode_values  # noqa: E402
-from test_remote_support import create_key, make_tiny_gpt2, start_server  # noqa: E402
+from conftest import served_tiny_gpt2  # noqa: E402
 
 MODEL = {"$t": "envoy", "path": "model"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("server")
-    folder = make_tiny_gpt2(root / "tiny")
-    data = root / "data"
-    keys = [create_key(data, f"client{i}") for i in range(8)]
-    srv = start_server([f"tiny-gpt2={folder}"], data, "--job-timeout", "20", "--rate-limit", "10000",
-                       "--max-concurrent", "4", "--weights-every", "50")
-    srv.keys = keys
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from served_tiny_gpt2(tmp_path_factory, "server", ["--job-timeout", "20", "--rate-limit", "10000",
+                                "--max-concurrent", "4", "--weights-every", "50"], keys=8, models=["tiny-gpt2"])
 
 
 def test_health_models_openapi_status_page_metrics(server):
     health = requests.get(server.url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["models"] == {"tiny-gpt2": "ready"}
+    assert set(health["isolation"]) == {"network", "data_dir", "user", "seccomp", "memory"}
+    assert all(v.startswith(("active", "not available (")) for v in health["isolation"].values()), health["isolation"]
     models = requests.get(server.url + "/v1/models", timeout=10).json()
     assert models[0]["name"] == "tiny-gpt2" and models[0]["config"]["n_layer"] == 2
     tok = requests.get(server.url + "/v1/models/tiny-gpt2/tokenizer", timeout=10).json()
@@ -81,7 +74,7 @@ def _one(server, key, i):
         if state["status"] in ("completed", "error", "cancelled"):
             break
         time.sleep(0.02)
-    assert state["status"] == "completed", state
+    assert state["status"] == "completed", state.get("error")
     result = requests.get(f"{server.url}/v1/jobs/{job}/result", headers=h, timeout=30).json()
     seen = decode_values(result["values"], result["tensors"])["seen"]
     assert torch.equal(seen, torch.full((1, 32), float(i)))
@@ -97,6 +90,11 @@ def test_load_200_requests_from_8_clients(server):
     assert done == list(range(200))
     print(f"\nload test: 200 jobs from 8 clients in {elapsed:.1f} s ({200 / elapsed:.1f} jobs/s)")
     assert server.alive()
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    sizes = {line.split("{")[0]: float(line.split()[-1]) for line in metrics.splitlines()
+             if line.startswith("nnsight_forward_batch_size")}
+    assert sizes["nnsight_forward_batch_size_count"] < 200  # co-batched: fewer forwards than jobs, each job its own values
+    assert sizes["nnsight_forward_batch_size_max"] > 1
 
 
 def test_openapi_fuzz_has_no_server_errors(server):

@@ -14,7 +14,7 @@ Layers, outermost first:
    tracers, curated module proxies); tensors that share storage with the model's
    weights are read-only; the torch surface is a curated proxy without file,
    network, pickle, JIT or extension APIs.
-4. The worker process (``nnsight.server.worker``): no secrets in its
+4. The worker process (``nnsight.server.worker_process``): no secrets in its
    environment, OS limits (``resource.setrlimit``), a wall-clock limit enforced
    by the server, and an integrity check of the model after every job.
 """

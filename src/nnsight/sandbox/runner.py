@@ -42,8 +42,13 @@ def forget(job_id):
     capture.blocks.forget(tag)
 
 
-def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, max_print=65536, max_tensor_bytes=None):
-    """Run ``request`` (a ``JobRequest`` as a dict); returns ``(values, blob)`` of the saved names."""
+def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, max_print=65536, max_tensor_bytes=None,
+                make_context=None):
+    """Run ``request`` (a ``JobRequest`` as a dict); returns ``(values, blob)`` of the saved names.
+
+    make_context: ``(kind, inputs, kwargs) -> context`` to use instead of the model's own
+    ``trace``/``generate``/``session`` (the server's co-batching passes one); None for the model's.
+    """
     filename = f"{PREFIX}{job_id}>"
     body = request["source"]
     first = int(request["body_lineno"])
@@ -103,7 +108,9 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     scope.update(variables)
 
     kind = request["kind"]
-    if kind == "trace":
+    if make_context is not None:
+        ctx = make_context(kind, inputs, kwargs)
+    elif kind == "trace":
         ctx = model.trace(*inputs, **kwargs)
     elif kind == "generate":
         if not hasattr(model, "generate"):
@@ -121,7 +128,9 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     header = f"with __nnsight_ctx__ as {as_name}:\n" if as_name else "with __nnsight_ctx__:\n"
     pad = "\n" * (first - 2)
     _register(filename, pad + header + body)
-    outer = compile(pad + header + "    __nnsight_body__ = None\n", filename, "exec")
+    # The job id in a constant keeps this code object unequal to another job's: code objects
+    # compare by value (not by file name), and the engine caches captured blocks by code object.
+    outer = compile(pad + header + f"    __nnsight_body__ = {job_id!r}\n", filename, "exec")
     before = {name: id(value) for name, value in scope.items()}
     exec(outer, scope)
 

@@ -40,10 +40,30 @@ def load(source: str):
 
 def describe(name: str, model, folder: Path) -> dict:
     """What ``GET /v1/models/{name}`` reports: enough for a client to build the model on meta."""
-    config = model._module.config.to_dict()
+    return {"name": name, "kind": "language", "config": model.config.to_dict(), "tokenizer": _tokenizer_files(folder)}
+
+
+def describe_folder(name: str, source: str) -> dict | None:
+    """The same from a Hugging Face folder's files, without loading the model (None when ``source`` is no such folder)."""
+    import json
+
+    folder = Path(source)
+    config = folder / "config.json"
+    if not config.is_file() or config.stat().st_size > MAX_TOKENIZER_FILE:
+        return None
+    try:
+        values = json.loads(config.read_text(encoding="utf-8"))
+    except ValueError:  # not JSON: the worker reports the real problem when it loads the model
+        return None
+    if not isinstance(values, dict) or "model_type" not in values:
+        return None
+    return {"name": name, "kind": "language", "config": values, "tokenizer": _tokenizer_files(folder)}
+
+
+def _tokenizer_files(folder: Path) -> dict:
     files = {}
     for fname in TOKENIZER_FILES:
         path = folder / fname
         if path.is_file() and path.stat().st_size <= MAX_TOKENIZER_FILE:
             files[fname] = path.read_text(encoding="utf-8")
-    return {"name": name, "kind": "language", "config": config, "tokenizer": files}
+    return files

@@ -1,0 +1,1 @@
+"""One router per resource: ``jobs``, ``models``, and ``service`` (health, metrics, status page)."""

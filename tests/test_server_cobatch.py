@@ -1,0 +1,215 @@
+"""Co-batching in the worker (no HTTP): requests sharing one forward see, edit and report only their own rows.
+
+The oracle for every request is the same request run alone through the same sandbox path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("RestrictedPython")
+pytest.importorskip("greenlet")
+
+from nnsight import LanguageModel  # noqa: E402
+from nnsight.remote.serialize import decode_values  # noqa: E402
+from nnsight.sandbox.guards import Guards  # noqa: E402
+from nnsight.sandbox.runner import describe_error, forget, run_request  # noqa: E402
+from nnsight.server.cobatch import CoBatchGuards, plan_batches, run_group, uses_whole_forward  # noqa: E402
+
+VARS = {"model": {"$t": "envoy", "path": "model"}, "torch": {"$t": "module", "name": "torch"}}
+PROMPTS = ["The cat sat on", "A dog ran to", "One bird flew by", "A red car went"]  # same token width
+
+
+@pytest.fixture(scope="module")
+def model(gpt2_module, gpt2_tokenizer):
+    return LanguageModel(gpt2_module, tokenizer=gpt2_tokenizer)
+
+
+def job(i, body, prompt=None):
+    return {"id": f"cb{i}", "request": {"source": body, "body_lineno": 2, "kind": "trace", "filename": "u.py",
+                                        "inputs": [prompt or PROMPTS[i % len(PROMPTS)]], "variables": VARS}}
+
+
+def _decode(job_, outcome):
+    if isinstance(outcome, BaseException):
+        return describe_error(outcome, job_["id"], "u.py")
+    return decode_values(*outcome)
+
+
+def together(model, jobs, prints=None, batches=None):
+    """Run ``jobs`` as one co-batch; ``batches`` collects the batch size of each lm_head forward (a plain hook)."""
+    guards = CoBatchGuards(model)
+    hook = model.lm_head._module.register_forward_hook(lambda m, i, o: batches.append(o.shape[0])) if batches is not None else None
+
+    def run_one(j, make_context):
+        sink = (prints.setdefault(j["id"], []).append) if prints is not None else (lambda s: None)
+        return run_request(model, guards, j["request"], j["id"], sink, make_context=make_context)
+
+    out = {}
+    try:
+        for j, outcome in run_group(model, jobs, run_one):
+            out[j["id"]] = _decode(j, outcome)
+            forget(j["id"])
+    finally:
+        if hook is not None:
+            hook.remove()
+    assert set(out) == {j["id"] for j in jobs}
+    return out
+
+
+def alone(model, j):
+    try:
+        outcome = run_request(model, Guards(model), j["request"], j["id"] + "solo", lambda s: None)
+    except Exception as error:  # noqa: BLE001 - compared with the co-batched error below
+        outcome = error
+    forget(j["id"] + "solo")
+    return _decode(j, outcome)
+
+
+def assert_same(batched, solo):
+    assert batched.keys() == solo.keys()
+    for name in solo:
+        a, b = batched[name], solo[name]
+        if isinstance(b, torch.Tensor):
+            assert a.shape == b.shape, name
+            # One forward over more rows may take other BLAS paths: equal to 1e-5, not bitwise.
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        else:
+            assert a == b, name
+
+
+TYPICAL = "    h0 = model.transformer.h[0].output.save()\n    model.transformer.h[1].mlp.output[:] = 0\n" \
+          "    logits = model.lm_head.output.save()\n"
+
+
+def test_batched_requests_equal_solo_runs(model):
+    jobs = [job(i, TYPICAL) for i in range(4)]
+    assert [len(g) for g in plan_batches(model, jobs, 8)] == [4]
+    batches = []
+    out = together(model, jobs, batches=batches)
+    assert batches == [4]  # one forward for the four requests
+    for j in jobs:
+        assert out[j["id"]]["logits"].shape[0] == 1
+        assert_same(out[j["id"]], alone(model, j))
+
+
+HOSTILE = {
+    "read the whole batch": "    ids = model.transformer.wte.input.save()\n    rows = model.lm_head.output.shape[0]\n"
+                            "    everything = model.lm_head.output.save()\n    result_rows = model.output.logits.shape[0]\n",
+    "write past its rows": "    model.transformer.h[0].mlp.output[1:] = 1000.0\n    model.transformer.h[0].mlp.output[-8:] = 500.0\n"
+                           "    model.transformer.h[1].output[:] = 0\n    after = model.lm_head.output.save()\n",
+    "infer the batch size": "    ids = model.transformer.inputs[0][0].save()\n    mask = model.transformer.inputs[1]['attention_mask'].save()\n"
+                            "    sizes = torch.tensor([model.transformer.wte.output.size(0), model.transformer.h[0].output.shape[0], "
+                            "len(model.lm_head.output)]).save()\n",
+    "write a batch-sized tensor": "    model.transformer.h[0].mlp.output[:] = torch.zeros(4, 4, 32)\n    x = model.lm_head.output.save()\n",
+}
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE))
+def test_hostile_request_sees_only_its_rows(model, what):
+    victims = [job(i, TYPICAL) for i in (0, 2, 3)]
+    attacker = job(1, HOSTILE[what])
+    jobs = [victims[0], attacker, victims[1], victims[2]]
+    batches = []
+    out = together(model, jobs, batches=batches)
+    assert batches == [4]  # one shared forward, the attacker included
+    for v in victims:  # batch-mates are as if the attacker did not exist
+        assert_same(out[v["id"]], alone(model, v))
+    mine = out[attacker["id"]]
+    solo = alone(model, attacker)
+    if "type" in solo:  # the attack fails alone too: the same error, and only for the attacker
+        assert mine["type"] == solo["type"]
+    else:
+        assert_same(mine, solo)
+    if what == "read the whole batch":
+        assert mine["everything"].shape[0] == 1 and mine["ids"].shape[0] == 1
+    if what == "infer the batch size":
+        assert mine["sizes"].tolist() == [1, 1, 1] and mine["ids"].shape[0] == mine["mask"].shape[0] == 1
+
+
+@pytest.mark.parametrize("escape", ["x.as_strided((4, 4, 32), (128, 32, 1))", "torch.as_strided(x, (4, 4, 32), (128, 32, 1))",
+                                    "x.storage_offset()", "x.untyped_storage()"])
+def test_views_cannot_reach_batch_mates_storage(model, escape):
+    attacker = job(1, f"    x = model.transformer.h[0].mlp.output\n    y = {escape}\n    leaked = model.lm_head.output.save()\n")
+    victims = [job(0, TYPICAL), job(2, TYPICAL)]
+    out = together(model, [victims[0], attacker, victims[1]])
+    assert out[attacker["id"]]["type"] == "SandboxError"
+    for v in victims:
+        assert_same(out[v["id"]], alone(model, v))
+
+
+def test_an_error_fails_only_its_request_and_prints_stay_own(model):
+    bad = job(1, "    print('bad one')\n    h = model.transformer.h[0].output\n    z = 1 / 0\n")
+    good = [job(i, f"    print('good', {i})\n" + TYPICAL) for i in (0, 2)]
+    prints = {}
+    out = together(model, [good[0], bad, good[1]], prints)
+    assert out["cb1"]["type"] == "ZeroDivisionError"
+    assert [f["lineno"] for f in out["cb1"]["traceback"]][-1] == 4
+    assert "".join(prints["cb1"]) == "bad one\n"
+    assert "".join(prints["cb0"]) == "good 0\n" and "".join(prints["cb2"]) == "good 2\n"
+    for g in good:
+        assert_same(out[g["id"]], alone(model, g))
+
+
+def test_a_missed_value_fails_only_its_request(model):
+    bad = job(1, "    late = model.transformer.h[0].output.save()\n    early = model.transformer.wte.output.save()\n")
+    good = job(0, TYPICAL)
+    out = together(model, [good, bad])
+    assert out["cb1"]["type"] == alone(model, bad)["type"] != "RemoteError"
+    assert_same(out["cb0"], alone(model, good))
+
+
+@pytest.mark.parametrize("body", [
+    "    model.transformer.h[0].output[:] = 0\n    tracer.stop()\n",
+    "    with tracer.invoke('Other prompt'):\n        a = model.lm_head.output.save()\n",
+    "    model.transformer.h[0].output.requires_grad_(True)\n",
+    "    model.transformer.h[0].skip(model.transformer.h[0].input)\n",
+])
+def test_whole_forward_features_run_alone(model, body):
+    request = job(1, body)["request"]
+    assert uses_whole_forward(request)
+    groups = plan_batches(model, [job(0, TYPICAL), {"id": "x", "request": request}, job(2, TYPICAL)], 8)
+    assert [len(g) for g in groups] == [2, 1]
+
+
+def test_different_widths_and_inputs_are_not_mixed(model):
+    jobs = [job(0, TYPICAL), job(1, TYPICAL, prompt="A much longer prompt than the others here"), job(2, TYPICAL)]
+    jobs.append({"id": "ids", "request": {**job(3, TYPICAL)["request"], "inputs": [[1, 2, 3, 4]]}})
+    assert [[j["id"] for j in g] for g in plan_batches(model, jobs, 8)] == [["cb0", "cb2"], ["cb1"], ["ids"]]
+    assert [len(g) for g in plan_batches(model, [job(i, TYPICAL) for i in range(5)], 2)] == [2, 2, 1]
+
+
+def test_weight_writes_are_refused_for_the_writer_only(model):
+    before = model.lm_head.weight.detach().clone()
+    bad = job(1, "    model.lm_head.weight[0] = 1\n    x = model.lm_head.output.save()\n")
+    good = job(0, TYPICAL)
+    out = together(model, [good, bad])
+    assert out["cb1"]["type"] == "SandboxError"
+    assert_same(out["cb0"], alone(model, good))
+    assert torch.equal(model.lm_head.weight, before)
+
+
+def test_a_request_that_loops_times_out_alone(model):
+    loop = job(1, "    h = model.transformer.h[0].output\n    while True:\n        try:\n            pass\n        except Exception:\n            pass\n")
+    good = [job(0, TYPICAL), job(2, TYPICAL)]
+    guards = CoBatchGuards(model)
+    out = {}
+    run_one = lambda j, make_context: run_request(model, guards, j["request"], j["id"], lambda s: None,  # noqa: E731
+                                                 make_context=make_context)
+    for j, outcome in run_group(model, [good[0], loop, good[1]], run_one, timeout=0.5, timeout_message="too long"):
+        out[j["id"]] = outcome
+        forget(j["id"])
+    assert type(out["cb1"]).__name__ == "JobTimeout" and str(out["cb1"]) == "too long"
+    for g in good:
+        assert_same(decode_values(*out[g["id"]]), alone(model, g))
+
+
+def test_a_co_batch_leaves_local_tracing_as_it_was(model):
+    together(model, [job(i, TYPICAL) for i in range(3)])
+    with model.trace("Hello"):
+        kept = model.lm_head.output.save()
+        dropped = model.lm_head.output.sum()
+    assert kept.shape[0] == 1
+    with pytest.raises(NameError):
+        dropped  # noqa: B018 - unsaved names are not bound after a local trace, co-batch or not
