@@ -200,27 +200,36 @@ def _lm(n_layer, n_embd, n_head):
     return hf, LanguageModel(hf, tokenizer=tok)
 
 
+def _generation_pair(hf, model, prompt, steps, saved):
+    """Plain ``generate`` and the same under ``model.generate`` saving ``saved()``'s output each step."""
+    import torch
+
+    mask = torch.ones_like(prompt)
+    kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=50256)
+
+    def plain():
+        with torch.no_grad():
+            hf.generate(prompt, attention_mask=mask, **kwargs)
+
+    def traced():
+        with torch.no_grad():
+            with model.generate(prompt, **kwargs) as tracer:
+                hidden = list().save()
+                for step in tracer.iter[:]:
+                    hidden.append(saved().output)
+        return hidden
+
+    return plain, traced
+
+
 def generate_cases(quick):
     import torch
 
     results = {}
     prompt = torch.randint(0, 50257, (1, 8))
-    mask = torch.ones_like(prompt)
     for name, dims, rounds in (("gen_tiny", (2, 64, 4), 9 if quick else 21), ("gen_gpt2_small", (12, 768, 12), 3 if quick else 7)):
         hf, model = _lm(*dims)
-        kwargs = dict(max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=50256)
-
-        def plain():
-            with torch.no_grad():
-                hf.generate(prompt, attention_mask=mask, **kwargs)
-
-        def traced():
-            with torch.no_grad():
-                with model.generate(prompt, **kwargs) as tracer:
-                    hidden = list().save()
-                    for step in tracer.iter[:]:
-                        hidden.append(model.transformer.h[-1].output)
-            return hidden
+        plain, traced = _generation_pair(hf, model, prompt, 20, lambda: model.transformer.h[-1])
 
         ratios, overheads = [], []
         for _ in range(2):
@@ -304,22 +313,8 @@ def generate_long_case(quick):
     import torch
 
     hf, model = _lm(2, 64, 4)
-    prompt = torch.randint(0, 50257, (1, 4))
-    mask = torch.ones_like(prompt)
     steps = 100
-    kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=50256)
-
-    def plain():
-        with torch.no_grad():
-            hf.generate(prompt, attention_mask=mask, **kwargs)
-
-    def traced():
-        with torch.no_grad():
-            with model.generate(prompt, **kwargs) as tracer:
-                hidden = list().save()
-                for step in tracer.iter[:]:
-                    hidden.append(model.lm_head.output)
-        return hidden
+    plain, traced = _generation_pair(hf, model, torch.randint(0, 50257, (1, 4)), steps, lambda: model.lm_head)
 
     overheads = []
     for _ in range(3 if quick else 7):

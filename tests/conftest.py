@@ -375,3 +375,20 @@ def served_tiny_gpt2(tmp_path_factory, name, flags=(), keys=1, models=("tiny",),
         yield server
     finally:
         server.stop()
+
+
+def record_outputs(module, run):
+    """Every output ``module`` produced while ``run()`` ran, seen by a plain forward hook."""
+    seen = []
+    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return seen
+
+
+@pytest.fixture
+def recorded():
+    """``recorded(module, run)``: the outputs a plain forward hook sees (the oracle for saved values)."""
+    return record_outputs

@@ -18,17 +18,7 @@ def folder(tmp_path, gpt2, gpt2_tokenizer):
     return tmp_path
 
 
-def _hooked(module, run):
-    seen = []
-    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return seen
-
-
-def test_scan_then_trace_generate_edit(folder, gpt2_tokenizer):
+def test_scan_then_trace_generate_edit(folder, gpt2_tokenizer, recorded):
     model = LanguageModel(str(folder))
     with model.scan("Hello world"):
         dim = model.transformer.h[0].mlp.output.shape[-1]
@@ -39,7 +29,7 @@ def test_scan_then_trace_generate_edit(folder, gpt2_tokenizer):
         logits = model.lm_head.output.save()
     real = model._module
     ids = gpt2_tokenizer("Hello world", return_tensors="pt")
-    seen = _hooked(real.transformer.h[0].mlp, lambda: real(**ids))
+    seen = recorded(real.transformer.h[0].mlp, lambda: real(**ids))
     assert torch.allclose(hs, seen[0], atol=1e-6)
     assert torch.allclose(logits, real(**ids).logits, atol=1e-5)
 

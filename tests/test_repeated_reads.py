@@ -39,25 +39,15 @@ class Recurrent(torch.nn.Module):
         return x
 
 
-def _calls(module, run):
-    seen = []
-    handle = module.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
-    try:
-        run()
-    finally:
-        handle.remove()
-    return seen
-
-
 @pytest.fixture
 def twice():
     torch.manual_seed(0)
     return TwiceApplied()
 
 
-def test_shared_module_read_twice_is_the_first_call(twice):
+def test_shared_module_read_twice_is_the_first_call(twice, recorded):
     x = torch.randn(2, 4)
-    seen = _calls(twice.lin, lambda: twice(x))
+    seen = recorded(twice.lin, lambda: twice(x))
     model = NNsight(twice)
     with model.trace(x):
         a = model.lin.output.save()
@@ -85,11 +75,11 @@ def test_read_after_write_sees_the_edit(twice):
     assert torch.allclose(out, expected)
 
 
-def test_iter_over_the_calls_of_a_recurrent_module():
+def test_iter_over_the_calls_of_a_recurrent_module(recorded):
     torch.manual_seed(0)
     net = Recurrent(3)
     x = torch.randn(2, 4)
-    seen = _calls(net.cell, lambda: net(x))
+    seen = recorded(net.cell, lambda: net(x))
     model = NNsight(net)
     with model.trace(x) as tracer:
         outs = list().save()
@@ -139,9 +129,9 @@ def test_bounded_iter_past_the_last_call_warns_and_ends():
     assert any("module call(s) [2, 3] never ran" in str(w.message) for w in caught)
 
 
-def test_next_reaches_the_following_call(twice):
+def test_next_reaches_the_following_call(twice, recorded):
     x = torch.randn(2, 4)
-    seen = _calls(twice.lin, lambda: twice(x))
+    seen = recorded(twice.lin, lambda: twice(x))
     model = NNsight(twice)
     with model.trace(x):
         first = model.lin.output.save()
@@ -168,10 +158,10 @@ def test_read_after_write_in_generate(gpt2, gpt2_tokenizer):
     assert pre.abs().sum() > 0 and post.abs().sum() == 0 and post.shape == pre.shape
 
 
-def test_iter_over_generation_steps_equals_hooks(gpt2, gpt2_tokenizer):
+def test_iter_over_generation_steps_equals_hooks(gpt2, gpt2_tokenizer, recorded):
     model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
     ids = gpt2_tokenizer("Hello world", return_tensors="pt")
-    seen = _calls(
+    seen = recorded(
         gpt2.lm_head,
         lambda: gpt2.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=gpt2_tokenizer.eos_token_id),
     )
