@@ -19,6 +19,7 @@ import inspect
 import json
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -26,45 +27,17 @@ from ..tracing.envoy import Envoy
 from ..sandbox.errors import SandboxError
 from ..tracing.tracer import BlockContext
 from .schema import PROTOCOL_VERSION, TERMINAL
-from .serialize import SENDABLE_MODULES, Encoder, UnsupportedValue, decode_values
-
-
-class RemoteError(Exception):
-    """An error on the server whose type is not one of the allowed builtin or nnsight types."""
+from .serialize import Encoder, UnsupportedValue, decode_values
+from .wire import IMPORTABLE_MODULES, RemoteError, error_class
 
 
 class JobError(RemoteError):
     """The server could not take or run the job (authentication, limits, crash, cancel)."""
 
 
-_ERROR_TYPES = {
-    name: getattr(builtins, name)
-    for name in (
-        "ArithmeticError AssertionError AttributeError IndexError KeyError LookupError NameError NotImplementedError "
-        "OverflowError RuntimeError StopIteration TypeError ValueError ZeroDivisionError UnboundLocalError "
-        "RecursionError MemoryError SyntaxError ImportError ModuleNotFoundError IndentationError FloatingPointError "
-        "TimeoutError"
-    ).split()
-}
-
-
-def _error_class(name):
-    if name in _ERROR_TYPES:
-        return _ERROR_TYPES[name]
-    if name == "SandboxError":
-        return SandboxError
-    if name == "UnsupportedValue":
-        return UnsupportedValue
-    from ..tracing import errors
-
-    if name in ("NNsightError", "OutOfOrderError", "MissedValueError", "NotInTraceError"):
-        return getattr(errors, name)
-    return RemoteError
-
-
 def raise_remote(info: dict, filename=None):
     """Raise the exception a server reported, at the user's own line when it has one."""
-    cls = _error_class(info.get("type", ""))
+    cls = error_class(str(info.get("type", "")))
     message = str(info.get("message", ""))
     frames = info.get("traceback") or []
     if frames:
@@ -122,6 +95,13 @@ def _session():
     import requests
 
     return requests
+
+
+def _connection_errors() -> tuple:
+    """Failures of the connection itself (after which polling may still work), not errors the server reported."""
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 def fetch_model(name: str):
@@ -193,9 +173,7 @@ class RemoteJob:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             final = self._stream(deadline)
-        except (OSError, ValueError, ImportError) as error:  # connection trouble: poll instead
-            if isinstance(error, (SandboxError,)):
-                raise
+        except _connection_errors():  # the event stream broke (not an error the server reported): poll instead
             final = None
         if final is None:
             final = self._poll(deadline)
@@ -260,9 +238,9 @@ class RemoteBlock(BlockContext):
     a job. After a non-blocking block (``blocking=False``), ``tracer.job`` is the ``RemoteJob``.
     """
 
-    def __init__(self, model, kind, inputs=(), kwargs=None, blocking=True):
+    def __init__(self, model, kind, inputs=(), kwargs=None, blocking=True, local=False):
         super().__init__()
-        name = getattr(model, "_remote_name", None)
+        name = getattr(model, "_remote_name", None) or ("local" if local else None)
         if not name:
             raise NotImplementedError(
                 "remote execution needs a model the server serves by name: LanguageModel('name') "
@@ -274,6 +252,7 @@ class RemoteBlock(BlockContext):
         self.inputs = inputs
         self.kwargs = kwargs or {}
         self.blocking = blocking
+        self.local = local
         self.job = None
 
     def _entered(self):
@@ -314,9 +293,9 @@ class RemoteBlock(BlockContext):
 
         def module_name(value):
             if isinstance(value, types.ModuleType):
-                if value.__name__ in SENDABLE_MODULES:
+                if value.__name__ in IMPORTABLE_MODULES:
                     return value.__name__
-                raise UnsupportedValue(f"the module {value.__name__} is not available remotely (available: {', '.join(SENDABLE_MODULES)})")
+                raise UnsupportedValue(f"the module {value.__name__} is not available remotely (available: {', '.join(IMPORTABLE_MODULES)})")
             return None
 
         def function_name(value):
@@ -391,17 +370,45 @@ class RemoteBlock(BlockContext):
                     continue  # attribute names also appear in co_names; a missing one fails remotely with NameError
         return name
 
-    def _submit(self, request) -> RemoteJob:
+    def _submit(self, request):
+        if self.local:
+            from .local import LocalJob
+
+            return LocalJob(self.model, request)
         http = _session()
         response = http.post(_url("/v1/jobs"), json=request, headers=_headers(), timeout=_config().API.TIMEOUT)
         status = _check(response, self._block.filename).json()
         return RemoteJob(status["id"], self._block.filename)
 
 
-def remote_block(model, kind, inputs=(), kwargs=None, blocking=True) -> RemoteBlock:
-    if _IN_WORKER:
+class _Executing(threading.local):
+    """Whether remote code is running in this thread (set by the sandbox runner, see ``executing_remote_code``)."""
+
+    depth = 0
+
+
+_executing = _Executing()
+
+
+class executing_remote_code:
+    """``with executing_remote_code():`` marks this thread as running code sent for remote execution.
+
+    Inside it, ``remote=True`` is refused (the code already runs where the model is).
+    """
+
+    def __enter__(self):
+        _executing.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        _executing.depth -= 1
+        return False
+
+
+def remote_block(model, kind, inputs=(), kwargs=None, blocking=True, where=True) -> RemoteBlock:
+    """The block context of ``remote=True`` (a server) or ``remote="local"`` (the whole remote path, in-process)."""
+    if _executing.depth:
         raise SandboxError("remote=True inside remote code is not allowed")
-    return RemoteBlock(model, kind, inputs, kwargs, blocking)
-
-
-_IN_WORKER = False
+    if where not in (True, "local"):
+        raise ValueError(f"remote= takes True (the server in CONFIG.API.HOST) or \"local\", not {where!r}")
+    return RemoteBlock(model, kind, inputs, kwargs, blocking, local=where == "local")

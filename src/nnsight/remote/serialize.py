@@ -29,7 +29,6 @@ import torch
 
 MAX_DEPTH = 32
 MAX_NODES = 200_000
-SENDABLE_MODULES = ("torch", "math", "einops", "nnsight", "torch.nn.functional", "torch.nn", "torch.linalg", "torch.fft", "torch.special")
 
 
 class UnsupportedValue(TypeError):

@@ -16,21 +16,10 @@ import re
 from RestrictedPython import compile_restricted_exec
 from RestrictedPython.transformer import RestrictingNodeTransformer
 
+from ..remote.wire import IMPORTABLE_MODULES
 from .errors import SandboxError
 
-ALLOWED_IMPORTS = frozenset(
-    {
-        "torch",
-        "torch.nn",
-        "torch.nn.functional",
-        "torch.linalg",
-        "torch.fft",
-        "torch.special",
-        "math",
-        "nnsight",
-        "einops",
-    }
-)
+ALLOWED_IMPORTS = frozenset(IMPORTABLE_MODULES)
 
 FORBIDDEN_NAMES = frozenset(
     {
@@ -221,10 +210,9 @@ class RemotePolicy(RestrictingNodeTransformer):
 
     def visit_Call(self, node):
         if isinstance(node.func, ast.Name) and node.func.id == "__nnsight_assign__" and node.args:
-            node.args[0] = ast.copy_location(
-                ast.Call(func=ast.Name("__nnsight_check_assign__", ast.Load()), args=[node.args[0]], keywords=[]),
-                node.args[0],
-            )
+            # Every new node needs a location: compile() refuses an expr without lineno.
+            checked = ast.Call(func=ast.Name("__nnsight_check_assign__", ast.Load()), args=[node.args[0]], keywords=[])
+            node.args[0] = ast.fix_missing_locations(ast.copy_location(checked, node.args[0]))
         return super().visit_Call(node)
 
 

@@ -13,7 +13,9 @@ import keyword
 import linecache
 import traceback
 
-from ..remote.serialize import SENDABLE_MODULES, Decoder, Encoder, load_tensors
+from ..remote.client import executing_remote_code
+from ..remote.serialize import Decoder, Encoder, load_tensors
+from ..remote.wire import ERROR_TYPES, IMPORTABLE_MODULES
 from .errors import SandboxError
 from .guards import Guards, make_print
 from .policy import check_source, compile_user_function
@@ -78,7 +80,7 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
         return model.get(path)
 
     def module(name):
-        if name not in SENDABLE_MODULES:
+        if name not in IMPORTABLE_MODULES:
             raise SandboxError(f"module {name!r} is not available remotely")
         return guards.proxy(name)
 
@@ -123,7 +125,8 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     _register(filename, pad + header + body)
     outer = compile(pad + header + "    __nnsight_body__ = None\n", filename, "exec")
     before = {name: id(value) for name, value in scope.items()}
-    exec(outer, scope)
+    with executing_remote_code():
+        exec(outer, scope)
 
     saved = {
         name: value
@@ -135,15 +138,6 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     return tree, encoder.blob()
 
 
-ALLOWED_ERRORS = {
-    "ArithmeticError", "AssertionError", "AttributeError", "IndexError", "KeyError", "LookupError", "NameError",
-    "NotImplementedError", "OverflowError", "RuntimeError", "StopIteration", "TypeError", "ValueError",
-    "ZeroDivisionError", "UnboundLocalError", "RecursionError", "MemoryError", "SyntaxError", "ImportError",
-    "ModuleNotFoundError", "IndentationError", "FloatingPointError",
-    "NNsightError", "OutOfOrderError", "MissedValueError", "NotInTraceError", "SandboxError", "UnsupportedValue",
-}
-
-
 def describe_error(error: BaseException, job_id: str, user_file: str, functions_files=None) -> dict:
     """``ErrorInfo`` (as a dict) for an exception of a job: type, message, the user's frames."""
     tag = f"{PREFIX}{job_id}"
@@ -153,7 +147,7 @@ def describe_error(error: BaseException, job_id: str, user_file: str, functions_
             line = linecache.getline(entry.filename, entry.lineno).strip()
             frames.append({"filename": user_file, "lineno": entry.lineno, "name": _frame_name(entry.name), "line": line})
     name = type(error).__name__
-    if name not in ALLOWED_ERRORS:
+    if name not in ERROR_TYPES:
         name = "RemoteError"
         message = f"{type(error).__name__}: {error}"
     else:

@@ -124,9 +124,6 @@ def main():
 
     import torch
 
-    from ..remote import client as remote_client
-
-    remote_client._IN_WORKER = True
     torch.set_num_threads(int(limits.get("threads", 1)))
     from ..sandbox.guards import Guards
     from ..sandbox.runner import describe_error, forget, run_request
