@@ -16,7 +16,7 @@ PROTOCOL_VERSION = 1
 
 Status = Literal["received", "queued", "running", "completed", "error", "cancelled"]
 TERMINAL = ("completed", "error", "cancelled")
-_IDENT = r"^[A-Za-z][A-Za-z0-9_]{0,127}$"
+_IDENT = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"  # names that also end with "_" are refused by the sandbox
 
 
 class FunctionSource(BaseModel):

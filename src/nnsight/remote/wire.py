@@ -15,7 +15,7 @@ import builtins
 
 IMPORTABLE_MODULES = (
     "torch", "torch.nn", "torch.nn.functional", "torch.linalg", "torch.fft", "torch.special",
-    "math", "einops", "nnsight",
+    "math", "einops", "nnsight", "functools", "dataclasses",
 )
 
 BUILTIN_ERRORS = (

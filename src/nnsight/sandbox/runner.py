@@ -18,13 +18,13 @@ from ..remote.serialize import Decoder, Encoder, load_tensors
 from ..remote.wire import ERROR_TYPES, IMPORTABLE_MODULES
 from .errors import SandboxError
 from .guards import Guards, make_print
-from .policy import check_source, compile_user_function
+from .policy import check_source, compile_user_function, is_reserved
 
 PREFIX = "<nnsight-remote:"
 
 
 def _ident(name, what):
-    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+    if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name) or is_reserved(name):
         raise SandboxError(f"invalid {what} name {name!r}")
     return name
 
