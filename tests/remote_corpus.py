@@ -561,4 +561,20 @@ def block_steer_with_helper_scalar(model, remote, torch):
     return {"out": out}
 
 
+
+
+def block_source_write(model, remote, torch):
+    with model.trace(PROMPT, remote=remote):
+        proj = model.transformer.h[0].attn.source.self_c_proj_0
+        proj.output = proj.output * 0
+        out = model.lm_head.output.save()
+    return {"out": out}
+
+
+def block_cache_with_inputs(model, remote, torch):
+    with model.trace(PROMPT, remote=remote) as tracer:
+        cache = tracer.cache(modules=[model.transformer.h[0].mlp], include_inputs=True)
+    return {"out": cache["transformer.h.0.mlp"].output, "args": cache["transformer.h.0.mlp"].inputs[0][0]}
+
+
 BLOCKS = {name[len("block_"):]: fn for name, fn in sorted(globals().items()) if name.startswith("block_")}

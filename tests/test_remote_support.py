@@ -108,6 +108,8 @@ def remote_config(monkeypatch, tmp_path):
     monkeypatch.setenv("NNSIGHT_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("NNSIGHT_HOST", raising=False)
     monkeypatch.delenv("NNSIGHT_API_KEY", raising=False)
+    monkeypatch.delenv("NDIF_HOST", raising=False)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
     from nnsight import CONFIG
 
     CONFIG.load()

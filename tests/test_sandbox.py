@@ -37,7 +37,7 @@ def test_result_matches_a_local_trace(model):
     assert torch.equal(out["logits"], logits)
 
 
-@pytest.mark.parametrize("source", ["x.__class__", "import os", "eval('1')", "class A:\n    pass", "__nnsight_rt__"])
+@pytest.mark.parametrize("source", ["x.__class__", "import os", "eval('1')", "class A:\n    def __get__(self, o, t):\n        pass", "_write_ = 1", "class A(metaclass=M):\n    pass", "__nnsight_rt__"])
 def test_static_check_refuses(source):
     with pytest.raises(SandboxError):
         check_source(source)

@@ -12,6 +12,7 @@ from .modeling.base import NNsight
 from .modeling.language import LanguageModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
+from .ndif import get_local_env, is_model_running, register, status
 
 __version__ = "0.1.0"
 
@@ -25,5 +26,9 @@ __all__ = [
     "OutOfOrderError",
     "MissedValueError",
     "NotInTraceError",
+    "register",
+    "status",
+    "is_model_running",
+    "get_local_env",
     "__version__",
 ]

@@ -28,6 +28,7 @@ from ..sandbox.errors import SandboxError
 from ..tracing.tracer import BlockContext
 from .schema import PROTOCOL_VERSION, TERMINAL
 from .serialize import Encoder, UnsupportedValue, decode_values
+from .versions import check_response, version_headers
 from .wire import IMPORTABLE_MODULES, RemoteError, error_class
 
 
@@ -65,7 +66,7 @@ def _config():
 
 def _headers():
     key = _config().API.APIKEY
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": "application/json", **version_headers()}
     if key:
         headers["X-API-Key"] = key
     return headers
@@ -79,6 +80,7 @@ def _url(path):
 
 
 def _check(response, filename=None):
+    check_response(response.headers, server_host())
     if response.status_code < 400:
         return response
     try:
@@ -95,6 +97,26 @@ def _session():
     import requests
 
     return requests
+
+
+def server_host() -> str:
+    return _url("")
+
+
+def unreachable_errors() -> tuple:
+    """What a request raises when no server answers at ``CONFIG.API.HOST``."""
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout)
+
+
+def fetch_status() -> tuple[dict, list]:
+    """``(GET /health, GET /v1/models)`` of the server."""
+    http = _session()
+    timeout = _config().API.TIMEOUT
+    health = _check(http.get(_url("/health"), headers=_headers(), timeout=timeout)).json()
+    models = _check(http.get(_url("/v1/models"), headers=_headers(), timeout=timeout)).json()
+    return health, models
 
 
 def _connection_errors() -> tuple:

@@ -16,6 +16,7 @@ Encoding of one value:
     a module envoy of the served model    {"$t": "envoy", "path": "model.transformer.h.0"}
     an allowed module (torch, math, ...)  {"$t": "module", "name": "torch"}
     a user function (source sent aside)   {"$t": "function", "name": "f"}
+    a tracer.cache() result               {"$t": "cache", "entries": [[path, [call, ...]], ...]}
 
 Anything else raises ``UnsupportedValue`` naming where it was found.
 """
@@ -73,6 +74,9 @@ class Encoder:
                     raise UnsupportedValue(f"{where}: dictionary keys must be str, int, float, bool or None, not {type(k).__name__}")
                 items.append([self.encode(k, f"{where} key", depth + 1), self.encode(v, f"{where}[{k!r}]", depth + 1)])
             return {"$t": "dict", "items": items}
+        if _is_cache(value):
+            entries = [[path, self.encode(entry.calls, f"{where}[{path!r}]", depth + 1)] for path, entry in value.items()]
+            return {"$t": "cache", "entries": entries}
         fields = _model_output_fields(value)
         if fields is not None:
             items = []
@@ -196,6 +200,19 @@ class Decoder:
                 raise ValueError(f"{where}: malformed model output")
             fields = {k: self.decode(v, where, depth + 1) for k, v in items}
             return _make_model_output(value.get("class"), fields)
+        if tag == "cache":
+            entries = value.get("entries")
+            if not isinstance(entries, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in entries):
+                raise ValueError(f"{where}: malformed cache")
+            calls = {}
+            for path, raw in entries:
+                decoded = self.decode(raw, where, depth + 1)
+                if not isinstance(decoded, list) or not all(isinstance(c, dict) for c in decoded):
+                    raise ValueError(f"{where}: malformed cache entry {path!r}")
+                calls[path] = decoded
+            from ..tracing.cache import Cache
+
+            return Cache.from_calls(calls)
         if tag == "float":
             v = value.get("v")
             if v not in ("nan", "inf", "-inf"):
@@ -229,6 +246,12 @@ class Decoder:
                     raise ValueError(f"{where}: malformed {tag}")
                 return resolver(ref)
         raise ValueError(f"{where}: unknown value tag {tag!r}")
+
+
+def _is_cache(value):
+    from ..tracing.cache import Cache
+
+    return type(value) is Cache
 
 
 def _model_output_fields(value):

@@ -20,6 +20,8 @@ import torch
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
 from ..tracing.envoy import Envoy
+from ..tracing.source import CalledSourceAccessor, OperationEnvoy, SourceAccessor
+from ..tracing.values import ValueAccess
 from .errors import SandboxError
 from .policy import ALLOWED_IMPORTS, is_reserved
 
@@ -161,7 +163,8 @@ class TokenizerView:
 
 _ENVOY_API = frozenset(
     {"output", "input", "inputs", "skip", "next", "path", "modules", "named_modules", "children",
-     "named_children", "get", "trace", "generate", "scan", "generator", "config", "tokenizer", "padding_side"}
+     "named_children", "get", "trace", "generate", "scan", "generator", "config", "tokenizer", "padding_side",
+     "source"}
 )
 _TRACER_API = frozenset({"invoke", "stop", "barrier", "iter", "all", "next", "cache", "result"})
 _PLAIN = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -199,6 +202,7 @@ class Guards:
         self._tracer_types = (Tracer,)
         self._opaque_types = (Invoker, StepLoop, Barrier)
         self._cache_types = (Cache, CacheView, CacheEntry)
+        self._source_types = (SourceAccessor, CalledSourceAccessor)
         try:
             from transformers.utils import ModelOutput
         except ImportError:  # pragma: no cover
@@ -389,6 +393,12 @@ class Guards:
             return getattr(obj, name)
         if isinstance(obj, Envoy):
             return self._envoy_attr(obj, name)
+        if isinstance(obj, self._source_types):
+            return getattr(obj, name)  # an operation by name (names starting with '_' were refused above)
+        if isinstance(obj, OperationEnvoy):
+            if name in ("output", "input", "inputs", "source", "skip", "next"):
+                return getattr(obj, name)
+            _deny(f"{obj._display}.{name} is not available in remote code")
         if isinstance(obj, self._tracer_types):
             if name in _TRACER_API:
                 return getattr(obj, name)
@@ -486,18 +496,18 @@ class Guards:
             return obj
         if self.is_user(obj) or self.is_own_module(obj):
             return obj
-        if isinstance(obj, Envoy):
+        if isinstance(obj, ValueAccess):
             return EnvoyWriter(obj)
         _deny(f"changing a {type(obj).__name__} object is not allowed in remote code")
 
     def check_assign(self, target):
-        if isinstance(target, Envoy):
+        if isinstance(target, ValueAccess):
             return target
         _deny(f"only a module's .output, .input or .inputs can be assigned (not on a {type(target).__name__})")
 
     def apply(self, fn, *args, **kwargs):
         for key in kwargs:
-            if not isinstance(key, str) or key.startswith("_") or key == "out":
+            if not isinstance(key, str) or is_reserved(key) or key == "out":
                 _deny(f"keyword argument {key!r} is not allowed in remote code")
         return fn(*args, **kwargs)
 

@@ -157,6 +157,8 @@ class _Checker(ast.NodeVisitor):
         for alias in node.names:
             if alias.name == "*":
                 self.fail(node, "'import *' is not allowed in remote code")
+            if alias.name.startswith("_"):
+                self.fail(node, f"'{alias.name}' is a private name of {node.module}; it cannot be imported in remote code")
             self._name(node, alias.name)
             self._name(node, alias.asname)
         self.generic_visit(node)

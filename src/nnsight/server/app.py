@@ -497,6 +497,9 @@ def create_app(settings: Settings, start_workers: bool = True) -> FastAPI:
         )
 
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    from ..remote.versions import version_middleware
+
+    app.middleware("http")(version_middleware)  # protocol check on every request (remote/versions.py)
     return app
 
 

@@ -115,6 +115,16 @@ class Cache:
             hook = interleaver.hook_for(envoy)
             hook.observers = (hook.observers or ()) + (self._record,)
 
+    @classmethod
+    def from_calls(cls, calls_by_path: dict) -> "Cache":
+        """A finished cache from ``{path: [{"output": ..., "inputs": ...}, ...]}`` (a remote job's cache)."""
+        cache = cls.__new__(cls)
+        cache._entries = {}
+        for path, calls in calls_by_path.items():
+            entry = cache._entries[path] = CacheEntry(path)
+            entry.calls = list(calls)
+        return cache
+
     def _record(self, hook, path, args, kwargs, output):
         mediator = self._mediator
         il = mediator.interleaver
