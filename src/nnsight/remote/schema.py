@@ -27,6 +27,9 @@ class FunctionSource(BaseModel):
     source: str = Field(max_length=100_000, description="the `def` statement, dedented")
     lineno: int = Field(ge=1, le=1_000_000, description="line of the `def` in the user's file")
     filename: str = Field(default="<remote>", max_length=500)
+    closure: dict[str, Any] = Field(default_factory=dict, description="encoded values of the variables it closes over")
+    defaults: Optional[Any] = Field(default=None, description="encoded list: the function's default values")
+    kwdefaults: Optional[Any] = Field(default=None, description="encoded dict: its keyword-only defaults")
 
 
 class JobRequest(BaseModel):

@@ -308,9 +308,22 @@ def restricted_compile(module: ast.Module, filename: str):
     return result.code
 
 
-def compile_user_function(text: str, filename: str):
-    """Check and compile the source of a function the client sent (``def name(...): ...``)."""
+def compile_user_function(text: str, filename: str, closure=()):
+    """Check and compile the source of a function or class the client sent (``def name(...): ...``).
+
+    closure   names the function closes over: the code then defines ``__nnsight_closure_<name>__(**values)``,
+              a factory that binds them and returns the function
+    """
     tree = check_source(text, filename)
     if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.ClassDef)):
         raise SandboxError(f"{filename}: a function or class sent for remote use must be a single `def` or `class` statement")
-    return restricted_compile(tree, filename), tree.body[0].name
+    definition = tree.body[0]
+    if closure:
+        args = ast.arguments(posonlyargs=[], args=[], vararg=None, kwonlyargs=[ast.arg(arg=v) for v in closure],
+                             kw_defaults=[None] * len(closure), kwarg=None, defaults=[])
+        factory = ast.FunctionDef(name=f"__nnsight_closure_{definition.name}__", args=args,
+                                  body=[definition, ast.Return(ast.Name(definition.name, ast.Load()))],
+                                  decorator_list=[], returns=None, type_params=[])
+        ast.copy_location(factory, definition)
+        tree = ast.fix_missing_locations(ast.Module(body=[factory], type_ignores=[]))
+    return restricted_compile(tree, filename), definition.name

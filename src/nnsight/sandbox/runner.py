@@ -58,19 +58,26 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     check_source("\n" * (first - 2) + "if True:\n" + body, user_file)
     scope = guards.scope(make_print(emit_print, max_print))
 
-    # 2. user functions
+    # 2. user functions and classes (closures are rebuilt around them once all are defined)
     functions = {}
+    closures = []
     for fn in request.get("functions") or []:
         name = _ident(fn["name"], "function")
         lineno = int(fn["lineno"])
         fn_file = f"{PREFIX}{job_id}:{name}>"
         text = "\n" * (lineno - 1) + fn["source"]
         _register(fn_file, text)
-        code, defined = compile_user_function(text, fn.get("filename") or user_file)
+        closure = fn.get("closure") or {}
+        for var in closure:
+            _ident(var, "closure variable")
+        code, defined = compile_user_function(text, fn.get("filename") or user_file, closure=sorted(closure))
         if defined != name:
             raise SandboxError(f"function {name!r}: its source defines {defined!r}")
         exec(code, scope)
-        functions[name] = scope[name]
+        if closure:
+            closures.append((name, closure))
+        else:
+            functions[name] = scope[name]
 
     def envoy(path):
         if any(part.startswith("_") for part in path.split(".")):
@@ -79,10 +86,12 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
             return model
         return model.get(path)
 
-    def module(name):
+    def module(ref):
+        name, _, attr = ref.partition(":")  # "torch" or "torch.nn.functional:relu"
         if name not in IMPORTABLE_MODULES:
             raise SandboxError(f"module {name!r} is not available remotely")
-        return guards.proxy(name)
+        proxy = guards.proxy(name)
+        return guards.getattr(proxy, attr) if attr else proxy
 
     def function(name):
         if name not in functions:
@@ -95,6 +104,21 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
         raise SandboxError("malformed request")
     inputs = [decoder.decode(v, f"input {i}") for i, v in enumerate(raw_inputs)]
     kwargs = {k: decoder.decode(v, f"keyword argument {k!r}") for k, v in raw_kwargs.items()}
+    for name, closure in closures:  # the function, made inside a factory taking its closure's values
+        values = {var: decoder.decode(v, f"closure variable {var!r} of {name!r}") for var, v in closure.items()}
+        functions[name] = scope.pop(f"__nnsight_closure_{name}__")(**values)
+    for fn in request.get("functions") or []:  # defaults as the client evaluated them
+        target = functions.get(fn["name"])
+        if fn.get("defaults") is not None:
+            defaults = decoder.decode(fn["defaults"], f"defaults of {fn['name']!r}")
+            if not isinstance(defaults, list) or not hasattr(target, "__defaults__"):
+                raise SandboxError(f"malformed defaults of {fn['name']!r}")
+            target.__defaults__ = tuple(defaults)
+        if fn.get("kwdefaults") is not None:
+            kwdefaults = decoder.decode(fn["kwdefaults"], f"keyword defaults of {fn['name']!r}")
+            if not isinstance(kwdefaults, dict) or not all(isinstance(k, str) for k in kwdefaults) or not hasattr(target, "__kwdefaults__"):
+                raise SandboxError(f"malformed keyword defaults of {fn['name']!r}")
+            target.__kwdefaults__ = kwdefaults
     variables = {k: decoder.decode(v, f"variable {k!r}") for k, v in raw_vars.items()}
     for name in kwargs:
         _ident(name, "keyword argument")
