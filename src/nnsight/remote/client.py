@@ -28,6 +28,7 @@ from ..sandbox.errors import SandboxError
 from ..tracing.tracer import BlockContext
 from .schema import PROTOCOL_VERSION, TERMINAL
 from .serialize import Encoder, UnsupportedValue, decode_values
+from . import compression
 from .byvalue import is_local_module
 from .versions import check_response, version_headers
 from .wire import IMPORTABLE_MODULES, RemoteError, error_class
@@ -244,9 +245,16 @@ class RemoteJob:
             time.sleep(0.2)
 
     def result(self) -> dict:
+        """The saved values (downloaded once; zstd-compressed when large, with a progress bar)."""
         if self._values is None:
             http = _session()
-            body = _check(http.get(_url(f"/v1/jobs/{self.id}/result"), headers=_headers(), timeout=_config().API.TIMEOUT)).json()
+            headers = {**_headers(), **compression.request_headers()}
+            with http.get(_url(f"/v1/jobs/{self.id}/result"), headers=headers, stream=True,
+                          timeout=_config().API.TIMEOUT) as response:
+                _check(response, self.filename)
+                raw = compression.download(response, f"job {self.id[:8]}", show_progress=self.log and _config().APP.REMOTE_LOGGING)
+            body = json.loads(raw)
+            del raw
             self._values = decode_values(body["values"], body.get("tensors"))
         return self._values
 

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Header, HTTPException
+from fastapi import Depends, FastAPI, Header, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from ..remote.schema import (
@@ -411,14 +411,17 @@ def create_app(settings: Settings, start_workers: bool = True) -> FastAPI:
         return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
     @app.get("/v1/jobs/{job_id}/result", response_model=JobResult, responses={**errors, 409: {"model": ApiError}})
-    def job_result(job_id: str, key_id: str = Depends(api_key)):
+    def job_result(job_id: str, http_request: Request, key_id: str = Depends(api_key)):
         job = own_job(job_id, key_id)
         if job["status"] != "completed" or not job["result_path"]:
             raise HTTPException(409, f"the job is {job['status']}; results exist once it has completed")
         path = Path(job["result_path"])
         if path.parent != hub.results_dir or not path.is_file():
             raise HTTPException(404, "the result is no longer stored")
-        return Response(path.read_bytes(), media_type="application/json")
+        from ..remote.compression import compress_body  # zstd when large and accepted
+
+        body, extra = compress_body(path.read_bytes(), http_request.headers.get("accept-encoding"))
+        return Response(body, media_type="application/json", headers=extra)
 
     @app.delete("/v1/jobs/{job_id}", response_model=JobStatus, responses=errors)
     def cancel(job_id: str, key_id: str = Depends(api_key)):
