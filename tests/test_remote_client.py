@@ -149,3 +149,17 @@ def test_gradients_remotely_without_requires_grad(models):
         grads[flag] = g
     assert grads[True].abs().sum() > 0
     assert torch.allclose(grads[True], grads[False], atol=1e-5)
+
+
+def test_a_server_reported_error_is_raised_without_falling_back_to_polling(models, monkeypatch):
+    remote, _, _, _ = models
+    from nnsight.remote.client import RemoteJob
+
+    def no_poll(self, deadline):
+        raise AssertionError("the client polled after the server had reported the error")
+
+    monkeypatch.setattr(RemoteJob, "_poll", no_poll)
+    with pytest.raises(ValueError, match="invalid literal"):
+        with remote.trace("Hello", remote=True):
+            n = int("not a number")
+            out = remote.lm_head.output.save()

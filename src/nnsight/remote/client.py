@@ -29,7 +29,7 @@ from ..tracing.tracer import BlockContext
 from .schema import PROTOCOL_VERSION, TERMINAL
 from .serialize import Encoder, UnsupportedValue, decode_values
 from . import compression
-from .byvalue import is_local_module
+from .byvalue import ByValue
 from .versions import check_response, version_headers
 from .wire import IMPORTABLE_MODULES, RemoteError, error_class
 
@@ -259,76 +259,6 @@ class RemoteJob:
         return self._values
 
 
-# -- the user's functions, by value ---------------------------------------------------------
-
-
-def _allowed_attribute(value):
-    """``"torch.nn.functional:relu"`` for a function of a module remote code may import (sent by name)."""
-    module, name = getattr(value, "__module__", None), getattr(value, "__name__", None)
-    if not isinstance(name, str) or not isinstance(module, str):
-        return None
-    for candidate in IMPORTABLE_MODULES:
-        owner = sys.modules.get(candidate)
-        if owner is not None and getattr(owner, name, None) is value:
-            return f"{candidate}:{name}"
-    return None
-
-
-def _without_defaults(source: str) -> str:
-    """The ``def`` with its defaults as ``None`` and no annotations (both are evaluated where the def ran)."""
-    tree = ast.parse(source)
-    node = tree.body[0]
-    if not isinstance(node, ast.FunctionDef):
-        return source
-    args = node.args
-    plain = not args.defaults and not any(args.kw_defaults) and node.returns is None and not any(
-        a.annotation is not None for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg] if a)
-    if plain:
-        return source
-    args.defaults = [ast.Constant(None) for _ in args.defaults]
-    args.kw_defaults = [None if d is None else ast.Constant(None) for d in args.kw_defaults]
-    for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
-        if a is not None:
-            a.annotation = None
-    node.returns = None
-    return "\n" * (node.lineno - 1 - len(node.decorator_list)) + ast.unparse(tree) + "\n"
-
-
-def _global_names(code) -> set:
-    names = set(code.co_names)
-    for const in code.co_consts:
-        if isinstance(const, types.CodeType):
-            names |= _global_names(const)
-    return names
-
-
-def _function_source(fn, index) -> tuple[str, str, int]:
-    """``(name, def-source, line)`` of ``fn``; a lambda becomes ``def _lambda_<n>(...): return ...``."""
-    code = fn.__code__
-    try:
-        lines, first = inspect.getsourcelines(fn)
-    except (OSError, TypeError):
-        raise UnsupportedValue(f"the source of function {fn.__qualname__!r} cannot be found") from None
-    text = textwrap.dedent("".join(lines))
-    if fn.__name__ != "<lambda>":
-        return fn.__name__, text, code.co_firstlineno
-    try:
-        tree = ast.parse(text)
-    except SyntaxError:  # a lambda inside a larger expression that starts mid-statement
-        tree = ast.parse("(" + text.strip().rstrip(",") + ")") if text.strip() else None
-    candidates = [n for n in ast.walk(tree)] if tree is not None else []
-    for node in candidates:
-        if isinstance(node, ast.Lambda) and first + node.lineno - 1 == code.co_firstlineno:
-            compiled = compile(ast.Expression(node), code.co_filename, "eval")
-            inner = next(c for c in compiled.co_consts if isinstance(c, types.CodeType))
-            if inner.co_code == code.co_code and inner.co_varnames == code.co_varnames and inner.co_consts == code.co_consts:
-                name = f"_lambda_{index}"
-                definition = ast.FunctionDef(name=name, args=node.args, body=[ast.Return(node.body)], decorator_list=[],
-                                             returns=None, type_params=[])
-                return name, ast.unparse(ast.fix_missing_locations(ast.Module([definition], []))) + "\n", code.co_firstlineno
-    raise UnsupportedValue(f"the source of a lambda on line {code.co_firstlineno} cannot be told apart; define it with `def`")
-
-
 # -- the with-block ---------------------------------------------------------------------
 
 
@@ -382,7 +312,6 @@ class RemoteBlock(BlockContext):
         node = block.node
         first = block.body_lineno
         body = block.body_source()
-        functions = {}
         root = self.model._root
 
         def envoy_path(value):
@@ -392,25 +321,8 @@ class RemoteBlock(BlockContext):
                 return value._path
             return None
 
-        def module_name(value):
-            if isinstance(value, types.ModuleType):
-                if value.__name__ in IMPORTABLE_MODULES:
-                    return value.__name__
-                raise UnsupportedValue(f"the module {value.__name__} is not available remotely (available: {', '.join(IMPORTABLE_MODULES)})")
-            return None
-
-        def function_name(value):
-            if isinstance(value, types.FunctionType):
-                return self._function(value, functions, encoder)
-            return None
-
-        def module_name_or_attr(value):
-            found = module_name(value)
-            if found is None and callable(value) and not isinstance(value, type):
-                found = _allowed_attribute(value)
-            return found
-
-        encoder = Encoder(envoy_path=envoy_path, module_name=module_name_or_attr, function_name=function_name)
+        by_value = ByValue()
+        encoder = by_value.encoder(envoy_path=envoy_path)
         inputs = [encoder.encode(v, f"input {i}") for i, v in enumerate(self.inputs)]
         kwargs = {k: encoder.encode(v, f"keyword argument {k!r}") for k, v in self.kwargs.items()}
         use = block.names
@@ -432,7 +344,7 @@ class RemoteBlock(BlockContext):
                 if name in use.assigned:
                     continue  # the block binds it before use; the caller's value is not needed
                 raise UnsupportedValue(f"cannot send variable {name!r} to the server: {error}") from None
-        for name, value in list(encoder.pending_globals.items()) if hasattr(encoder, "pending_globals") else []:
+        for name, value in by_value.globals.items():
             variables.setdefault(name, value)
         as_name = node.items[0].optional_vars
         return {
@@ -446,53 +358,9 @@ class RemoteBlock(BlockContext):
             "inputs": inputs,
             "kwargs": kwargs,
             "variables": variables,
-            "functions": [functions[k] for k in functions],
+            "functions": by_value.definitions(),
             "tensors": encoder.blob(),
         }
-
-    def _function(self, fn, functions, encoder):
-        """Send the user's own function ``fn`` by value: source, closure values, the globals it reads."""
-        key = id(fn)
-        if key in functions:
-            return functions[key]["name"]
-        module = getattr(fn, "__module__", None)
-        if not is_local_module(module):
-            raise UnsupportedValue(
-                f"function {fn.__qualname__!r} comes from the installed package {module!r}, which the server does not "
-                f"provide; use what the server allows ({', '.join(IMPORTABLE_MODULES)}), or call nnsight.register({module!r}) "
-                "to send that package's code by value"
-            )
-        name, source, lineno = _function_source(fn, len(functions))
-        source = _without_defaults(source)
-        entry = functions[key] = {"name": name, "source": source, "lineno": lineno, "filename": fn.__code__.co_filename}
-        if fn.__defaults__:  # values as evaluated where the def ran, not re-evaluated remotely
-            entry["defaults"] = encoder.encode(list(fn.__defaults__), f"defaults of function {name!r}")
-        if fn.__kwdefaults__:
-            entry["kwdefaults"] = encoder.encode(dict(fn.__kwdefaults__), f"keyword defaults of function {name!r}")
-        closure = {}
-        for var, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
-            if var == fn.__name__:
-                continue  # a nested recursive function: the sandbox rebuilds that reference itself
-            try:
-                value = cell.cell_contents
-            except ValueError:
-                raise UnsupportedValue(f"function {name!r} uses {var!r}, which is not bound yet") from None
-            closure[var] = encoder.encode(value, f"closure variable {var!r} of function {name!r}")
-        if closure:
-            entry["closure"] = closure
-        # globals the function reads travel as variables of the block
-        pending = getattr(encoder, "pending_globals", None)
-        if pending is None:
-            pending = encoder.pending_globals = {}
-        # names read by defaults and annotations are evaluated where the def runs: they travel too
-        in_source = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
-        for ref in sorted(_global_names(fn.__code__) | in_source):
-            if ref in fn.__globals__ and ref not in pending:
-                try:
-                    pending[ref] = encoder.encode(fn.__globals__[ref], f"global {ref!r} of function {name!r}")
-                except UnsupportedValue:
-                    continue  # attribute names also appear in co_names; a missing one fails remotely with NameError
-        return name
 
     def _submit(self, request):
         if self.local:

@@ -17,6 +17,9 @@ Encoding of one value:
     an allowed module (torch, math, ...)  {"$t": "module", "name": "torch"}
     a user function (source sent aside)   {"$t": "function", "name": "f"}
     a tracer.cache() result               {"$t": "cache", "entries": [[path, [call, ...]], ...]}
+    a function of an allowed module       {"$t": "module", "name": "torch.nn.functional:gelu"}
+    an instance of a user class           {"$t": "object", "class": "Point", "state": {...its __dict__}}
+    the user's own module                 {"$t": "namespace", "name": "helpers", "items": [[attr, value]], "missing": {attr: why}}
 
 Anything else raises ``UnsupportedValue`` naming where it was found.
 """
@@ -25,8 +28,11 @@ from __future__ import annotations
 
 import base64
 import math
+import types
 
 import torch
+
+from ..sandbox.errors import SandboxError
 
 MAX_DEPTH = 32
 MAX_NODES = 200_000
@@ -37,8 +43,9 @@ class UnsupportedValue(TypeError):
 
 
 class Encoder:
-    def __init__(self, envoy_path=None, module_name=None, function_name=None):
+    def __init__(self, envoy_path=None, module_name=None, function_name=None, object_state=None):
         self.tensors: dict[str, torch.Tensor] = {}
+        self.object_state = object_state  # value -> (class name, state dict) or None
         self._ids: dict[int, str] = {}
         self.nodes = 0
         self.envoy_path = envoy_path  # value -> path or None
@@ -97,6 +104,22 @@ class Encoder:
                 found = finder(value)
                 if found is not None:
                     return {"$t": tag, key: found}
+        if self.object_state is not None and isinstance(value, types.ModuleType):
+            found = self.object_state(value)
+            if found is not None:
+                name, attrs, missing = found
+                items = []
+                for k, v in attrs.items():
+                    try:
+                        items.append([k, self.encode(v, f"{name}.{k}", depth + 1)])
+                    except UnsupportedValue as error:
+                        missing[k] = str(error)
+                return {"$t": "namespace", "name": name, "items": items, "missing": missing}
+        if self.object_state is not None:
+            found = self.object_state(value)
+            if found is not None:
+                cls, state = found
+                return {"$t": "object", "class": cls, "state": self.encode(state, f"{where}.__dict__", depth + 1)}
         raise UnsupportedValue(
             f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be sent to the server "
             "(tensors, numbers, strings, bools, None, lists/tuples/dicts of them, module envoys, "
@@ -148,8 +171,9 @@ def load_tensors(blob: str | None, max_bytes: int | None = None) -> dict:
 
 
 class Decoder:
-    def __init__(self, tensors, envoy=None, module=None, function=None):
+    def __init__(self, tensors, envoy=None, module=None, function=None, instance=None):
         self.tensors = tensors
+        self.instance = instance  # (class name, state dict) -> object
         self.nodes = 0
         self.envoy = envoy
         self.module = module
@@ -237,6 +261,25 @@ class Decoder:
                 return torch.device(str(value.get("v")))
             except Exception:
                 raise ValueError(f"{where}: malformed device") from None
+        if tag == "namespace":
+            items, missing, name = value.get("items"), value.get("missing") or {}, value.get("name")
+            if (not isinstance(name, str) or not isinstance(items, list) or not isinstance(missing, dict)
+                    or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in items)):
+                raise ValueError(f"{where}: malformed namespace")
+            attrs, missing = {}, {str(k): str(v)[:500] for k, v in missing.items()}
+            for k, v in items:
+                try:
+                    attrs[k] = self.decode(v, where, depth + 1)
+                except SandboxError as error:  # a member the receiver refuses fails when used, naming why
+                    missing[k] = str(error)
+            return Namespace(name, attrs, missing)
+        if tag == "object":
+            if self.instance is None:
+                raise ValueError(f"{where}: an object is not expected here")
+            cls, state = value.get("class"), self.decode(value.get("state"), where, depth + 1)
+            if not isinstance(cls, str) or not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+                raise ValueError(f"{where}: malformed object")
+            return self.instance(cls, state)
         for tag_name, resolver, key in (("envoy", self.envoy, "path"), ("module", self.module, "name"), ("function", self.function, "name")):
             if tag == tag_name:
                 if resolver is None:
@@ -246,6 +289,33 @@ class Decoder:
                     raise ValueError(f"{where}: malformed {tag}")
                 return resolver(ref)
         raise ValueError(f"{where}: unknown value tag {tag!r}")
+
+
+class Namespace:
+    """The user's own module, sent by value: its functions, classes and constants, read-only."""
+
+    def __init__(self, name, attrs, missing):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_attrs", attrs)
+        object.__setattr__(self, "_missing", missing)
+
+    def get(self, attr):
+        if attr in self._attrs:
+            return self._attrs[attr]
+        if attr in self._missing:
+            raise AttributeError(f"{self._name}.{attr} was not sent: {self._missing[attr]}")
+        raise AttributeError(f"module {self._name!r} has no attribute {attr!r}")
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return self.get(attr)
+
+    def __setattr__(self, attr, value):
+        raise TypeError(f"the module {self._name} sent by value is read-only")
+
+    def __repr__(self):
+        return f"<module {self._name!r} (sent by value)>"
 
 
 def _is_cache(value):

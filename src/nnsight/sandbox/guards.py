@@ -19,6 +19,7 @@ import operator
 import torch
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
+from ..remote.serialize import Namespace
 from ..tracing.envoy import Envoy
 from ..tracing.source import CalledSourceAccessor, OperationEnvoy, SourceAccessor
 from ..tracing.values import ValueAccess
@@ -385,6 +386,8 @@ class Guards:
             return getattr(obj, name)
         if isinstance(obj, ModuleProxy):
             return getattr(obj, name)
+        if isinstance(obj, Namespace):
+            return obj.get(name)
         if isinstance(obj, torch.Tensor):
             if name in _TENSOR_DENY or "resize" in name or "sparse" in name or "storage" in name:
                 _deny(f"tensor.{name} is not available in remote code")

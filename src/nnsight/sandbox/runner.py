@@ -12,6 +12,7 @@ from __future__ import annotations
 import keyword
 import linecache
 import traceback
+import types
 
 from ..remote.client import executing_remote_code
 from ..remote.serialize import Decoder, Encoder, load_tensors
@@ -44,6 +45,104 @@ def forget(job_id):
     capture.blocks.forget(tag)
 
 
+class Definitions:
+    """The functions and classes a request sent by value, defined in ``scope`` through the sandbox.
+
+        definitions = Definitions(request["functions"], scope, "<nnsight-remote:JOB", "user.py")
+        decoder = Decoder(..., function=definitions.resolve, instance=definitions.instance)
+        definitions.bind(decoder)
+        decode_in_order(values, decoder, scope)   # plain values first: a decorator may need them
+        definitions.finish()                      # every definition defined, in scope
+
+    All sources are checked and compiled at once; each is executed when first needed, with
+    its closure values and defaults decoded then (defaults are the values the client saw).
+    """
+
+    def __init__(self, specs, scope, tag, user_file):
+        self.scope = scope
+        self.specs = {}
+        self.code = {}
+        self.defined = {}
+        self.refused = {}  # name -> the SandboxError its source got (e.g. one function of a module sent by value)
+        self.decoder = None
+        for spec in specs:
+            name = _ident(spec["name"], "function")
+            lineno = int(spec["lineno"])
+            text = "\n" * (lineno - 1) + spec["source"]
+            _register(f"{tag}:{name}>", text)
+            closure = spec.get("closure") or {}
+            for var in closure:
+                _ident(var, "closure variable")
+            self.specs[name] = spec
+            try:
+                code, defined = compile_user_function(text, spec.get("filename") or user_file, closure=sorted(closure))
+            except SandboxError as error:  # raised when (and only if) the definition is used
+                self.refused[name] = error
+                continue
+            if defined != name:
+                raise SandboxError(f"function {name!r}: its source defines {defined!r}")
+            self.code[name] = code
+
+    def bind(self, decoder):
+        self.decoder = decoder
+
+    def resolve(self, name):
+        if name in self.defined:
+            return self.defined[name]
+        if name in self.refused:
+            raise self.refused[name]
+        if name not in self.code:
+            raise SandboxError(f"function or class {name!r} was referenced but its source was not sent")
+        spec, decode = self.specs[name], self.decoder.decode
+        exec(self.code.pop(name), self.scope)
+        closure = spec.get("closure") or {}
+        if closure:  # the function, made inside a factory taking its closure's values
+            values = {var: decode(v, f"closure variable {var!r} of {name!r}") for var, v in closure.items()}
+            self.scope[name] = self.scope.pop(f"__nnsight_closure_{name}__")(**values)
+        target = self.defined[name] = self.scope[name]
+        if spec.get("defaults") is not None:
+            defaults = decode(spec["defaults"], f"defaults of {name!r}")
+            if not isinstance(defaults, list) or not isinstance(target, types.FunctionType):
+                raise SandboxError(f"malformed defaults of {name!r}")
+            target.__defaults__ = tuple(defaults)
+        if spec.get("kwdefaults") is not None:
+            kwdefaults = decode(spec["kwdefaults"], f"keyword defaults of {name!r}")
+            if not isinstance(kwdefaults, dict) or not all(isinstance(k, str) for k in kwdefaults) or not isinstance(target, types.FunctionType):
+                raise SandboxError(f"malformed keyword defaults of {name!r}")
+            target.__kwdefaults__ = kwdefaults
+        return target
+
+    def instance(self, class_name, state):
+        """An object of a class sent by value, with ``state`` as its attributes (``__init__`` is not run)."""
+        cls = self.resolve(class_name)
+        if not isinstance(cls, type):
+            raise SandboxError(f"{class_name!r} is not a class")
+        obj = object.__new__(cls)
+        obj.__dict__.update(state)
+        return obj
+
+    def finish(self):
+        for name in list(self.code):
+            self.resolve(name)
+
+
+def _uses_definitions(tree) -> bool:
+    if isinstance(tree, list):
+        return any(_uses_definitions(v) for v in tree)
+    if isinstance(tree, dict):
+        return tree.get("$t") in ("function", "object") or any(_uses_definitions(v) for v in tree.values())
+    return False
+
+
+def decode_in_order(raw: dict, decoder, scope: dict):
+    """Decode ``raw`` values into ``scope``: those without the user's code first (decorators may need them)."""
+    for plain_first in (True, False):
+        for name, value in raw.items():
+            if _uses_definitions(value) != plain_first:
+                _ident(name, "variable")
+                scope[name] = decoder.decode(value, f"variable {name!r}")
+
+
 def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, max_print=65536, max_tensor_bytes=None):
     """Run ``request`` (a ``JobRequest`` as a dict); returns ``(values, blob)`` of the saved names."""
     filename = f"{PREFIX}{job_id}>"
@@ -58,26 +157,8 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
     check_source("\n" * (first - 2) + "if True:\n" + body, user_file)
     scope = guards.scope(make_print(emit_print, max_print))
 
-    # 2. user functions and classes (closures are rebuilt around them once all are defined)
-    functions = {}
-    closures = []
-    for fn in request.get("functions") or []:
-        name = _ident(fn["name"], "function")
-        lineno = int(fn["lineno"])
-        fn_file = f"{PREFIX}{job_id}:{name}>"
-        text = "\n" * (lineno - 1) + fn["source"]
-        _register(fn_file, text)
-        closure = fn.get("closure") or {}
-        for var in closure:
-            _ident(var, "closure variable")
-        code, defined = compile_user_function(text, fn.get("filename") or user_file, closure=sorted(closure))
-        if defined != name:
-            raise SandboxError(f"function {name!r}: its source defines {defined!r}")
-        exec(code, scope)
-        if closure:
-            closures.append((name, closure))
-        else:
-            functions[name] = scope[name]
+    # 2. user functions and classes
+    definitions = Definitions(request.get("functions") or [], scope, f"{PREFIX}{job_id}", user_file)
 
     def envoy(path):
         if any(part.startswith("_") for part in path.split(".")):
@@ -93,33 +174,17 @@ def run_request(model, guards: Guards, request: dict, job_id: str, emit_print, m
         proxy = guards.proxy(name)
         return guards.getattr(proxy, attr) if attr else proxy
 
-    def function(name):
-        if name not in functions:
-            raise SandboxError(f"function {name!r} was referenced but its source was not sent")
-        return functions[name]
-
-    decoder = Decoder(load_tensors(request.get("tensors"), max_tensor_bytes), envoy=envoy, module=module, function=function)
+    decoder = Decoder(load_tensors(request.get("tensors"), max_tensor_bytes), envoy=envoy, module=module,
+                      function=definitions.resolve, instance=definitions.instance)
+    definitions.bind(decoder)
     raw_inputs, raw_kwargs, raw_vars = request.get("inputs") or [], request.get("kwargs") or {}, request.get("variables") or {}
     if not isinstance(raw_inputs, list) or not isinstance(raw_kwargs, dict) or not isinstance(raw_vars, dict):
         raise SandboxError("malformed request")
+    decode_in_order(raw_vars, decoder, scope)  # straight into the scope: a decorator may need an earlier value
+    variables = {name: scope[name] for name in raw_vars}
+    definitions.finish()
     inputs = [decoder.decode(v, f"input {i}") for i, v in enumerate(raw_inputs)]
     kwargs = {k: decoder.decode(v, f"keyword argument {k!r}") for k, v in raw_kwargs.items()}
-    for name, closure in closures:  # the function, made inside a factory taking its closure's values
-        values = {var: decoder.decode(v, f"closure variable {var!r} of {name!r}") for var, v in closure.items()}
-        functions[name] = scope.pop(f"__nnsight_closure_{name}__")(**values)
-    for fn in request.get("functions") or []:  # defaults as the client evaluated them
-        target = functions.get(fn["name"])
-        if fn.get("defaults") is not None:
-            defaults = decoder.decode(fn["defaults"], f"defaults of {fn['name']!r}")
-            if not isinstance(defaults, list) or not hasattr(target, "__defaults__"):
-                raise SandboxError(f"malformed defaults of {fn['name']!r}")
-            target.__defaults__ = tuple(defaults)
-        if fn.get("kwdefaults") is not None:
-            kwdefaults = decoder.decode(fn["kwdefaults"], f"keyword defaults of {fn['name']!r}")
-            if not isinstance(kwdefaults, dict) or not all(isinstance(k, str) for k in kwdefaults) or not hasattr(target, "__kwdefaults__"):
-                raise SandboxError(f"malformed keyword defaults of {fn['name']!r}")
-            target.__kwdefaults__ = kwdefaults
-    variables = {k: decoder.decode(v, f"variable {k!r}") for k, v in raw_vars.items()}
     for name in kwargs:
         _ident(name, "keyword argument")
         if name in ("remote", "blocking"):
