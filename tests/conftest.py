@@ -73,7 +73,15 @@ def gpt2_tokenizer():
 @pytest.fixture(autouse=True)
 def _no_leaked_hooks():
     """Every test must leave no nnsight hook on any module."""
-    from nnsight.tracing.interleaver import ModuleHook
-
     yield
-    assert ModuleHook.installed == 0, f"{ModuleHook.installed} nnsight hook(s) left on modules"
+    left = leaked_slots()
+    assert not left, f"{len(left)} nnsight hook(s) left on modules"
+
+
+def leaked_slots():
+    """Every nnsight slot still sitting in some module's forward (found through the garbage collector)."""
+    import gc
+
+    from nnsight.tracing.interleaver import ModuleSlot
+
+    return [o for o in gc.get_objects() if type(o) is ModuleSlot and o.users]

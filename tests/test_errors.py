@@ -63,9 +63,11 @@ def test_exception_in_block_keeps_type_and_user_line(seq):
 
 
 def ModuleHook_installed():
-    from nnsight.tracing.interleaver import ModuleHook
+    import gc
 
-    return ModuleHook.installed
+    from nnsight.tracing.interleaver import ModuleSlot
+
+    return sum(1 for o in gc.get_objects() if type(o) is ModuleSlot and o.users)
 
 
 def test_output_outside_trace(seq):
@@ -111,10 +113,10 @@ def test_multi_call_module_successive_calls(twolayer):
     handle = twolayer.shared.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
     twolayer(x)
     handle.remove()
-    with model.trace(x):
+    with model.trace(x):  # every read in one iteration is the same call (the public nnsight's rule)
         first = model.shared.output.save()
-        second = model.shared.output.save()
-    assert torch.equal(first, seen[0]) and torch.equal(second, seen[1])
+        again = model.shared.output.save()
+    assert torch.equal(first, seen[0]) and torch.equal(again, seen[0])
     with model.trace(x):
         first = model.shared.output.save()
         second = model.shared.next().output.save()

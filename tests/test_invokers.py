@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nnsight import NNsight
+from nnsight import save as nnsight_save
 
 
 def test_each_invoke_sees_its_rows_and_one_forward_runs(seq):
@@ -122,3 +123,49 @@ def test_no_input_at_all_is_a_clear_error(seq):
         with model.trace() as tracer:
             with tracer.invoke():
                 model.output.save()
+
+
+def test_later_invoke_reads_and_reassigns_an_earlier_invokes_name(seq):
+    model = NNsight(seq)
+    a, b = torch.rand(1, 5), torch.rand(1, 5)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            hs = model[0].output
+        with tracer.invoke(b):
+            mine = model[0].output  # by now the first invoke has set hs
+            hs = hs * 2
+            model[2].input = hs
+            out = model.output.save()
+    assert torch.allclose(out, seq[2](seq[0](a) * 2))
+
+
+def test_both_invokes_loop_over_their_own_i(seq):
+    model = NNsight(seq)
+    a, b = torch.rand(1, 5), torch.rand(1, 5)
+    with model.trace() as tracer:
+        with tracer.invoke(a):
+            firsts = []
+            for i in range(2):
+                firsts.append((i, model[2 * i].output[0, 0].item()))
+            firsts = nnsight_save(firsts)
+        with tracer.invoke(b):
+            seconds = []
+            for i in range(2):
+                seconds.append((i, model[2 * i].output[0, 0].item()))
+            seconds = nnsight_save(seconds)
+    assert [i for i, _ in firsts] == [0, 1] and [i for i, _ in seconds] == [0, 1]
+    assert firsts[1][1] == pytest.approx(seq(a)[0, 0].item(), abs=1e-6)
+    assert seconds[1][1] == pytest.approx(seq(b)[0, 0].item(), abs=1e-6)
+
+
+def test_invoke_code_runs_once_and_its_error_is_reported_at_once(seq, capsys):
+    model = NNsight(seq)
+    with pytest.raises(NameError, match="later_name"):
+        with model.trace() as tracer:
+            with tracer.invoke(torch.rand(1, 5)):
+                h = model[0].output
+                later_name = h * 2
+            with tracer.invoke(torch.rand(1, 5)):
+                print("second invoke starts")
+                y = later_name + 1  # not set yet: the first invoke is still waiting at layer 0
+    assert capsys.readouterr().out.count("second invoke starts") == 1

@@ -102,3 +102,38 @@ def test_unknown_operation_of_the_called_function(gpt2_tokenizer):
     with pytest.raises(AttributeError, match="torch_matmul_0"):
         with model.trace("Hello"):
             model.transformer.h[0].attn.source.attention_interface_0.source.no_such_0.output
+
+
+def test_source_under_an_accelerate_dispatched_model(gpt2, gpt2_tokenizer):
+    """accelerate's device hooks (what ``device_map=...`` installs) wrap an instance's forward;
+    .source runs the named operations inside that wrapper, and leaves it in place."""
+    import copy
+
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    hf = copy.deepcopy(gpt2)
+    mlp = hf.transformer.h[0].mlp
+    add_hook_to_module(mlp, AlignDevicesHook(execution_device="cpu"))
+    wrapper = mlp.__dict__["forward"]
+    calls = []
+    original_pre = mlp._hf_hook.pre_forward
+
+    def counting_pre(module, *args, **kwargs):
+        calls.append(1)
+        return original_pre(module, *args, **kwargs)
+
+    mlp._hf_hook.pre_forward = counting_pre
+    seen = []
+    handle = mlp.act.register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    model = LanguageModel(hf, tokenizer=gpt2_tokenizer)
+    try:
+        with model.trace("The Eiffel Tower is in"):
+            gelu = model.transformer.h[0].mlp.source.self_act_0.output.clone().save()
+            model.transformer.h[0].mlp.source.self_act_0.output[:] = 0
+            mlp_out = model.transformer.h[0].mlp.output.save()
+    finally:
+        handle.remove()
+    assert calls == [1]  # accelerate's pre-forward ran around the rewritten forward
+    assert torch.allclose(gelu, seen[0])
+    assert torch.allclose(mlp_out, mlp.c_proj(torch.zeros_like(seen[0])))
+    assert mlp.__dict__["forward"] is wrapper  # the wrapper is back in place

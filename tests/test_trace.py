@@ -276,3 +276,46 @@ def test_trace_under_inference_mode(seq):
             again = model[0].output.save()
             out = model.output.save()
     assert torch.all(again == 0) and torch.allclose(out, seq[2](seq[1](torch.zeros(1, 10))))
+
+
+def test_python_dash_c_finds_its_source():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\nfrom nnsight import NNsight\ntorch.manual_seed(0)\n"
+        "net = torch.nn.Sequential(torch.nn.Linear(3, 3))\nm = NNsight(net)\nx = torch.ones(1, 3)\n"
+        "with m.trace(x):\n    h = m[0].output.save()\n"
+        "print(torch.allclose(h, net(x)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+
+
+def test_code_registered_in_linecache_is_traceable(seq):
+    import linecache
+
+    model = NNsight(seq)
+    text = "with model.trace(x):\n    out = model.output.save()\n"
+    filename = "<generated-cell-1>"
+    linecache.cache[filename] = (len(text), None, text.splitlines(True), filename)
+    scope = {"model": model, "x": torch.rand(1, 5)}
+    try:
+        exec(compile(text, filename, "exec"), scope)
+    finally:
+        del linecache.cache[filename]
+    assert torch.equal(scope["out"], seq(scope["x"]))
+
+
+def test_exec_of_another_string_in_a_dash_c_process_is_not_confused():
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\nfrom nnsight import NNsight\nm = NNsight(torch.nn.Linear(2, 2))\n"
+        "try:\n    exec('with m.trace(torch.ones(1, 2)):\\n    h = m.output.save()\\n')\n"
+        "except Exception as e:\n    print(type(e).__name__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "SourceUnavailableError", done.stderr

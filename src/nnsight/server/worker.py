@@ -88,7 +88,7 @@ class Integrity:
             t.grad = None
 
     def check(self) -> str | None:
-        from ..tracing.interleaver import ModuleHook
+        from ..tracing.interleaver import installed_slots
 
         self.jobs += 1
         if self._state() != self.state:
@@ -98,7 +98,7 @@ class Integrity:
                 return f"the class {cls.__name__} changed"
         if self._torch_state() != self.torch_state:
             return "torch's global state changed"
-        if ModuleHook.installed:
+        if installed_slots(self.model._module):
             return "a tracing hook was left on the model"
         if getattr(self.model, "_edits", None):
             return "persistent edits were left on the model"

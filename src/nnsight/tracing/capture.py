@@ -31,6 +31,7 @@ and ``x.save()`` becomes ``__nnsight_save__(x)``, so nothing global is patched.
 
 from __future__ import annotations
 
+import __future__
 import ast
 import copy
 import linecache
@@ -125,7 +126,7 @@ def _command_lines(frame) -> list[str]:
     while outer.f_back is not None and outer.f_back.f_code.co_filename == "<string>":
         outer = outer.f_back
     try:
-        command_code = compile(text, "<string>", "exec")
+        command_code = compile(text, "<string>", "exec", dont_inherit=True)
     except SyntaxError:
         return []
     # exec() of another string also reports "<string>": only the command's own code qualifies.
@@ -269,6 +270,84 @@ def _names(stmts, skip_invokes=False) -> _NameUse:
     return use
 
 
+class _FirstUse(ast.NodeVisitor):
+    """Names whose first use, in the order Python evaluates a list of statements, is a read.
+
+    Such a name means a value from before this code (``hs = hs * 2``); a name the code
+    binds before reading it (a loop variable) is the code's own.
+    """
+
+    def __init__(self):
+        self.seen: set[str] = set()
+        self.reads_first: set[str] = set()
+
+    def _use(self, name, load):
+        if name not in self.seen:
+            self.seen.add(name)
+            if load:
+                self.reads_first.add(name)
+
+    def visit_Name(self, node):
+        self._use(node.id, isinstance(node.ctx, ast.Load))
+
+    def visit_Assign(self, node):
+        self.visit(node.value)
+        for target in node.targets:
+            self.visit(target)
+
+    def visit_AnnAssign(self, node):
+        if node.value is not None:
+            self.visit(node.value)
+        self.visit(node.target)
+
+    def visit_AugAssign(self, node):
+        if isinstance(node.target, ast.Name):
+            self._use(node.target.id, True)
+        self.visit(node.value)
+        self.visit(node.target)
+
+    def visit_NamedExpr(self, node):
+        self.visit(node.value)
+        self.visit(node.target)
+
+    def visit_For(self, node):
+        self.visit(node.iter)
+        self.visit(node.target)
+        for stmt in node.body + node.orelse:
+            self.visit(stmt)
+
+    visit_AsyncFor = visit_For
+
+    def visit_FunctionDef(self, node):
+        for expr in node.decorator_list + node.args.defaults + [d for d in node.args.kw_defaults if d]:
+            self.visit(expr)
+        self._use(node.name, False)
+        inner = _names(node.body)  # read when called, after this point
+        for name in sorted(inner.loaded - inner.assigned):
+            self._use(name, True)
+
+    visit_AsyncFunctionDef = visit_ClassDef = visit_FunctionDef
+
+    def visit_Lambda(self, node):
+        inner = _names([ast.Expr(node.body)])
+        for name in sorted(inner.loaded):
+            self._use(name, True)
+
+    def _visit_comprehension(self, node):
+        inner = _names([ast.Expr(node)])
+        for name in sorted(inner.loaded):
+            self._use(name, True)
+
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _visit_comprehension
+
+
+def _reads_before_assigning(stmts) -> set[str]:
+    use = _FirstUse()
+    for stmt in stmts:
+        use.visit(stmt)
+    return use.reads_first
+
+
 def _rewrite(stmts, rewriter=None):
     """Apply ``_SaveRewriter`` (after ``rewriter``) to statements; a statement may become several."""
     out = []
@@ -314,32 +393,6 @@ def _lambda(body):
         args=ast.arguments(posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[]),
         body=body,
     )
-
-
-class _PeekRewriter(ast.NodeTransformer):
-    """In an assignment target's base, ``x.output`` -> ``__nnsight_rt__.peek(x, "output")``."""
-
-    def visit_Attribute(self, node):
-        self.generic_visit(node)
-        if node.attr in _VALUE_ATTRS and isinstance(node.ctx, ast.Load):
-            return ast.copy_location(
-                ast.Call(
-                    func=ast.Attribute(ast.Name(RT, ast.Load()), "peek", ast.Load()),
-                    args=[node.value, ast.Constant(node.attr)],
-                    keywords=[],
-                ),
-                node,
-            )
-        return node
-
-    def visit_Call(self, node):
-        # Only the chain itself (m.output[0]...), not values computed inside it.
-        node.func = self.visit(node.func)
-        return node
-
-    def visit_Subscript(self, node):
-        node.value = self.visit(node.value)
-        return node
 
 
 def _reads_value(expr) -> bool:
@@ -408,7 +461,7 @@ class _SaveRewriter(ast.NodeTransformer):
             )
             return ast.copy_location(ast.Expr(call), node)
         if isinstance(target, ast.Subscript) and _reads_value(target.value):
-            base = _PeekRewriter().visit(target.value)
+            base = target.value
             first = ast.copy_location(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=base), node)
             second = ast.copy_location(
                 ast.Assign(
@@ -440,9 +493,24 @@ class _SaveRewriter(ast.NodeTransformer):
         if _is_iter(node):
             item = node.items[0]
             target = item.optional_vars or ast.Name("__nnsight_step__", ast.Store())
-            loop = ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[])
-            return ast.copy_location(loop, node)
+            loop = ast.copy_location(ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[]), node)
+            return _ending_loop(loop)
         return node
+
+    def visit_For(self, node):
+        self.generic_visit(node)
+        if _call_attr(node.iter) in ("iter", "all"):
+            return _ending_loop(node)
+        return node
+
+
+def _ending_loop(loop: ast.For) -> ast.For:
+    """``for step in tracer.iter[...]:`` whose body ends the loop when the model makes no more calls."""
+    handler = ast.ExceptHandler(
+        type=ast.Attribute(ast.Name(RT, ast.Load()), "LoopEnd", ast.Load()), name=None, body=[ast.Break()]
+    )
+    loop.body = [ast.copy_location(ast.Try(body=loop.body, handlers=[handler], orelse=[], finalbody=[]), loop)]
+    return loop
 
 
 @dataclass
@@ -613,7 +681,7 @@ class _ControlFlowCheck(ast.NodeVisitor):
     visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
 
 
-def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_fn=None) -> tuple[object, tuple[str, ...], bool]:
+def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_fn=None, future_flags=0) -> tuple[object, tuple[str, ...], bool]:
     check = _ControlFlowCheck(filename)
     for stmt in with_node.body:
         check.visit(stmt)
@@ -648,12 +716,14 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
 
     if has_invokes:
         eager = _names(body, skip_invokes=True)
-        uses = [_names(n.body) for stmt in body for n in ast.walk(stmt) if _is_invoke(n)]
+        invokes = [n for stmt in body for n in ast.walk(stmt) if _is_invoke(n)]
+        uses = [_names(n.body) for n in invokes]
+        reads_first = [_reads_before_assigning(n.body) for n in invokes]
         shared = set()
         for k, use in enumerate(uses):
-            for j, other in enumerate(uses):
+            for j in range(len(uses)):
                 if j != k:
-                    shared |= use.assigned & (other.loaded - other.assigned)
+                    shared |= use.assigned & reads_first[j]
         invokes_assigned = set().union(*(use.assigned for use in uses))
         rewriter = _InvokeRewriter(uses, shared, eager.assigned - eager.globals)
         stmts += _rewrite(body, rewriter)
@@ -673,7 +743,8 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
     stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
     for stmt in stmts:
-        ast.copy_location(stmt, with_node)
+        if not hasattr(stmt, "lineno"):  # generated here; the user's own statements keep their lines
+            ast.copy_location(stmt, with_node)
 
     fn = ast.FunctionDef(
         name="__nnsight_block__",
@@ -694,9 +765,16 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
         fn.type_params = []
     ast.copy_location(fn, with_node)
     module = ast.fix_missing_locations(ast.Module(body=[fn], type_ignores=[]))
-    code = compile(module, filename, "exec") if compile_fn is None else compile_fn(module, filename)
+    if compile_fn is not None:
+        code = compile_fn(module, filename)
+    else:  # the user's own `from __future__` imports, not this module's
+        code = compile(module, filename, "exec", flags=future_flags, dont_inherit=True)
     block_code = next(c for c in code.co_consts if getattr(c, "co_name", None) == "__nnsight_block__")
     return block_code, params, frozenset(invokes_assigned)
+
+
+# The compiler flags of `from __future__ import ...` (a block compiles with its own file's).
+_FUTURE_FLAGS = sum({getattr(__future__, name).compiler_flag for name in __future__.all_feature_names})
 
 
 class CapturedBlock:
@@ -715,9 +793,12 @@ class CapturedBlock:
         module_level       written at module level (no caller locals to pass in)
     """
 
-    __slots__ = ("filename", "lineno", "node", "trivial", "module_level", "_lines", "_caller_locals", "_compile_fn", "_compiled", "_names")
+    __slots__ = (
+        "filename", "lineno", "node", "trivial", "module_level", "_lines", "_caller_locals", "_compile_fn",
+        "_future_flags", "_compiled", "_names",
+    )
 
-    def __init__(self, filename, node, lines, caller_locals, module_level, compile_fn):
+    def __init__(self, filename, node, lines, caller_locals, module_level, compile_fn, future_flags=0):
         self.filename = filename
         self.lineno = node.lineno
         self.node = node
@@ -729,6 +810,7 @@ class CapturedBlock:
         self._lines = lines
         self._caller_locals = caller_locals
         self._compile_fn = compile_fn
+        self._future_flags = future_flags
         self._compiled = None
         self._names = None
 
@@ -758,7 +840,7 @@ class CapturedBlock:
     def compiled(self) -> Block:
         """The body compiled for the local engine (once per call site)."""
         if self._compiled is None:
-            code, params, shared = _build(self.node, self._caller_locals, self.filename, self._compile_fn)
+            code, params, shared = _build(self.node, self._caller_locals, self.filename, self._compile_fn, self._future_flags)
             self._compiled = Block(code, params, self.filename, self.lineno, shared, self.trivial)
         return self._compiled
 
@@ -799,7 +881,10 @@ class SourceCache:
         module_level = frame.f_locals is frame.f_globals
         caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
         # A scope may supply its own compiler (the remote server's sandbox does).
-        block = CapturedBlock(filename, node, lines, caller_locals, module_level, frame.f_globals.get(COMPILE_HOOK))
+        block = CapturedBlock(
+            filename, node, lines, caller_locals, module_level, frame.f_globals.get(COMPILE_HOOK),
+            code.co_flags & _FUTURE_FLAGS,
+        )
         self._blocks[key] = block
         if len(self._blocks) > self.max_blocks:
             self._blocks.popitem(last=False)

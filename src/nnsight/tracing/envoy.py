@@ -23,46 +23,6 @@ from .interleaver import current_mediator
 from .values import ValueAccess
 
 
-_repeat_cache: dict = {}
-
-
-def _calls_repeatedly(parent_cls, name: str) -> bool:
-    key = (parent_cls, name)
-    known = _repeat_cache.get(key)
-    if known is None:
-        known = _repeat_cache[key] = _count_call_sites(parent_cls, name)
-    return known
-
-
-def _count_call_sites(parent_cls, name: str) -> bool:
-    import ast
-    import inspect
-    import textwrap
-
-    try:
-        source = textwrap.dedent(inspect.getsource(inspect.unwrap(parent_cls.forward)))
-        tree = ast.parse(source)
-    except (OSError, TypeError, SyntaxError, AttributeError):
-        return False
-    sites, in_loop = 0, False
-    loops = (ast.For, ast.While, ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
-
-    def visit(node, looping):
-        nonlocal sites, in_loop
-        if isinstance(node, ast.Call):
-            func = node.func
-            if isinstance(func, ast.Attribute) and func.attr == "forward":
-                func = func.value
-            if isinstance(func, ast.Attribute) and func.attr == name and isinstance(func.value, ast.Name):
-                sites += 1
-                in_loop = in_loop or looping
-        for child in ast.iter_child_nodes(node):
-            visit(child, looping or isinstance(node, loops))
-
-    visit(tree, False)
-    return sites > 1 or in_loop
-
-
 def _display(path: str) -> str:
     """``model.transformer.h.0.attn`` -> ``model.transformer.h[0].attn``."""
     parts = path.split(".")
@@ -199,25 +159,17 @@ class Envoy(ValueAccess):
     def _new_hook(self):
         from .interleaver import ModuleHook
 
-        hook = ModuleHook(self._module, self._display, self._path)
-        hook.repeats = self._called_repeatedly()
-        return hook
-
-    def _called_repeatedly(self) -> bool:
-        """Whether the parent's forward calls this module at several call sites or in a loop."""
-        if self._parent is None:
-            return False
-        return _calls_repeatedly(type(self._parent._module), self._path.rsplit(".", 1)[-1])
+        return ModuleHook(self._module, self._display, self._path)
 
     @property
     def source(self):
         """The module's forward with every call site named; ``.source.<name>.output`` inside a trace."""
-        accessor = self.__dict__.get("_source")
+        accessor = self.__dict__.get("_source_accessor")
         if accessor is None:
             from .source import SourceAccessor
 
             accessor = SourceAccessor(self)
-            object.__setattr__(self, "_source", accessor)
+            object.__setattr__(self, "_source_accessor", accessor)
         return accessor
 
     def _mediator(self, what: str):
@@ -236,8 +188,7 @@ class Envoy(ValueAccess):
 
     def next(self):
         """``m.next().output``: the module's next call, even while its current one is being read."""
-        mediator = self._mediator("next()")
-        mediator.advance = True
+        self._mediator("next()").next_call(self)
         return self
 
     def __call__(self, *args, **kwargs):

@@ -42,7 +42,7 @@ def user_traceback(tb):
         tb = tb.tb_next
     worker_start = None
     for i, entry in enumerate(entries):
-        if entry.tb_frame.f_code is _WORKER_ENTRY:
+        if _is_worker_entry(entry.tb_frame.f_code):
             worker_start = i
     if worker_start is not None:
         first_internal = next((i for i, e in enumerate(entries) if is_internal(e.tb_frame.f_code.co_filename)), 0)
@@ -54,7 +54,12 @@ def user_traceback(tb):
     return result
 
 
-_WORKER_ENTRY = None  # the code object of Mediator._run, set by the interleaver module
+_WORKER_FILE = os.path.join(_PACKAGE_DIR, "tracing", "interleaver.py")
+
+
+def _is_worker_entry(code) -> bool:
+    """The loop every invoke body's greenlet starts in (``interleaver._Worker._loop``)."""
+    return code.co_name == "_loop" and code.co_filename == _WORKER_FILE
 
 
 def user_location(frame) -> str:

@@ -5,13 +5,19 @@
     result = interleaver.run(lambda: model(x))
 
 Each invoke body runs in its own greenlet (a `Mediator`). When the body reads
-``envoy.output`` it parks its request on that module's `ModuleHook` and
-switches back to the model. Hooks are installed lazily, on the first request
-for a module, by putting a callable in the module instance's ``forward`` slot
-(``nn.Module.__call__`` still takes its fast path), so modules the block never
-touches cost nothing. When the module runs, the hook switches into each waiting
-mediator in invoke order; the body runs until its next request and the hook
-returns the (possibly replaced) value to the model.
+``envoy.output`` it parks a request on that module's `ModuleHook` and switches
+back to the model. A module gets a hook only when a block first asks for it: a
+`ModuleSlot` goes in the module instance's ``forward`` slot (``nn.Module.__call__``
+keeps its fast path), so modules no block touches cost nothing. When the module
+runs, the slot finds the hook of the interleaver running in this thread, which
+switches into each waiting mediator in invoke order; the body runs until its
+next request and the hook returns the (possibly replaced) value to the model.
+
+The rule for repeated reads (the public nnsight's): within one invoke and one
+iteration, every read of a module's ``.output`` / ``.input`` / ``.inputs`` is the
+same call, with the edits made so far. Iteration ``i`` (``tracer.iter[i]``) is
+generation step ``i`` when the model generates, and the module's call number
+``i`` in a single forward otherwise; ``envoy.next()`` moves on to the next call.
 
 Greenlets were chosen over threads by measurement: a switch costs well under a
 microsecond where a thread hand-off through locks costs tens of microseconds.
@@ -25,7 +31,6 @@ import greenlet
 import torch
 
 from .batching import merge, narrow
-from . import errors
 from .errors import MissedValueError, NNsightError, OutOfOrderError
 
 _MISSING = object()
@@ -35,10 +40,15 @@ class EarlyStop(BaseException):
     """Unwinds the model's forward after ``tracer.stop()``."""
 
 
+class LoopEnd(BaseException):
+    """Ends an open-ended ``tracer.iter[...]`` loop whose next iteration the model never reached."""
+
+
 class _State(threading.local):
-    """The mediator whose code is running now, per thread (None while the model runs)."""
+    """Per thread: the mediator whose code is running, and the interleaver whose model is running."""
 
     mediator = None
+    interleaver = None
 
 
 current = _State()
@@ -63,10 +73,10 @@ class _Worker:
     __slots__ = ("greenlet", "outbox")
 
     def __init__(self):
-        self.greenlet = greenlet.greenlet(self._run)
+        self.greenlet = greenlet.greenlet(self._loop)
         self.outbox = None
 
-    def _run(self, job):
+    def _loop(self, job):  # (the name errors.py recognises as the start of an invoke's frames)
         try:
             job.body()
             self.outbox = _FINISHED
@@ -96,6 +106,8 @@ def _release_worker(worker: _Worker):
 
 
 class Request:
+    """A body waits for ``hook``'s call number ``index`` of generation step ``step``, at ``point``."""
+
     __slots__ = ("hook", "point", "kind", "step", "index")
 
     def __init__(self, hook, point, kind, step, index):
@@ -135,18 +147,11 @@ class BarrierRequest:
 class Delivery:
     """A value handed to a mediator while the model is paused at one hook point."""
 
-    __slots__ = ("hook", "point", "index", "full", "view", "skip", "kinds_read", "versions", "written")
+    __slots__ = ("hook", "point", "step", "index", "full", "view", "skip")
 
-    def __init__(self, hook, point, index, full, view, kind=None):
-        self.hook, self.point, self.index, self.full, self.view = hook, point, index, full, view
+    def __init__(self, hook, point, step, index, full, view):
+        self.hook, self.point, self.step, self.index, self.full, self.view = hook, point, step, index, full, view
         self.skip = _MISSING
-        self.kinds_read = {kind}
-        self.versions = _versions(view)
-        self.written = False
-
-    def edited(self) -> bool:
-        """Whether the body replaced this value, or changed it in place, since it was handed over."""
-        return self.written or _versions(self.view) != self.versions
 
     def read(self, kind):
         if kind == "input":
@@ -177,23 +182,6 @@ class Delivery:
             _check_shapes(f"{self.hook.path}.{kind}", self.read(kind) if kind != "inputs" else self.view, value)
         self.full = merge(self.full, self.view, new, mediator.rows, il.batch_size)
         self.view = narrow(self.full, mediator.rows, il.batch_size)
-        self.written = True
-
-
-def _versions(value):
-    """In-place edit counters of the tensors in ``value`` (and one level of containers)."""
-    if isinstance(value, torch.Tensor):
-        return _version(value)
-    if isinstance(value, (tuple, list)):
-        return tuple(_version(v) if isinstance(v, torch.Tensor) else None for v in value)
-    if isinstance(value, dict):
-        return tuple(_version(v) for v in value.values() if isinstance(v, torch.Tensor))
-    return None
-
-
-def _version(tensor):
-    # Inference tensors (torch.inference_mode, vLLM) keep no counter: count them as edited.
-    return object() if tensor.is_inference() else tensor._version
 
 
 def _remember_views(views, view, full):
@@ -210,7 +198,6 @@ def _remember_views(views, view, full):
 def _check_shapes(where, old, new):
     if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
         try:
-            torch.broadcast_shapes(tuple(new.shape), tuple(old.shape))
             fits = torch.broadcast_shapes(tuple(new.shape), tuple(old.shape)) == tuple(old.shape)
         except RuntimeError:
             fits = False
@@ -224,29 +211,95 @@ def _check_shapes(where, old, new):
             _check_shapes(f"{where}[{i}]", o, n)
 
 
-class ModuleHook:
-    """Sits in a module's ``forward`` slot for one trace and serves waiting mediators.
+_slot_lock = threading.Lock()  # installing and removing slots from several threads
 
-    One hook object lives on each envoy and is reinstalled by every trace that
-    touches the module (building one costs more than installing it).
+
+class ModuleSlot:
+    """Sits in a module's ``forward`` slot while any trace (in any thread) uses the module.
+
+    Calls go to the hook of the interleaver running the model in this thread, or
+    straight to the module's own forward. One slot per module, shared by every
+    trace that uses it, removed when the last one ends.
+    """
+
+    __slots__ = ("module", "original", "previous", "users", "__wrapped__")
+
+    def __init__(self, module):
+        self.module = module
+        module_dict = module.__dict__
+        self.previous = module_dict.get("forward", _MISSING)  # an instance wrapper (accelerate), kept
+        self.original = module.forward
+        self.__wrapped__ = self.original  # keeps inspect.signature(module.forward) truthful
+        self.users = 0
+        module_dict["forward"] = self
+
+    def __call__(self, *args, **kwargs):
+        il = current.interleaver
+        if il is not None:
+            hook = il.hooks.get(id(self.module))
+            if hook is not None:
+                return hook(args, kwargs)
+        return self.original(*args, **kwargs)
+
+    @property
+    def wraps_instance_forward(self) -> bool:
+        """Whether the module instance had its own ``forward`` (a wrapper such as accelerate's)."""
+        return self.previous is not _MISSING
+
+    @staticmethod
+    def acquire(module) -> "ModuleSlot":
+        with _slot_lock:
+            slot = module.__dict__.get("forward")
+            if type(slot) is not ModuleSlot:
+                slot = ModuleSlot(module)
+            slot.users += 1
+            return slot
+
+    def release(self):
+        with _slot_lock:
+            self.users -= 1
+            if self.users:
+                return
+            module_dict = self.module.__dict__
+            if module_dict.get("forward") is self:
+                if self.previous is _MISSING:
+                    del module_dict["forward"]
+                else:
+                    module_dict["forward"] = self.previous
+
+
+def installed_slots(module: torch.nn.Module) -> int:
+    """How many modules under ``module`` carry an nnsight slot now (0 once every trace has ended)."""
+    return sum(type(m.__dict__.get("forward")) is ModuleSlot for m in module.modules())
+
+
+def active_hook(module):
+    """The hook of the interleaver running in this thread for ``module``, or None."""
+    il = current.interleaver
+    return il.hooks.get(id(module)) if il is not None else None
+
+
+class ModuleHook:
+    """One trace's view of one module: its call count and the requests parked on it.
+
+    A hook object lives on each envoy and is reused by every trace that touches
+    the module (building one costs more than resetting it).
     """
 
     __slots__ = (
-        "module", "path", "interleaver", "original", "previous", "step", "count", "waiting", "waiting_input",
-        "counts_steps", "call_inputs", "observers", "dotted", "ops", "repeats", "__wrapped__",
+        "module", "path", "interleaver", "slot", "forward", "step", "count", "waiting", "waiting_input",
+        "counts_steps", "call_inputs", "observers", "dotted", "ops",
     )
-
-    installed = 0  # hooks in place right now, in every model (tests assert it drops back to 0)
 
     def __init__(self, module, path, dotted):
         self.module = module
         self.path = path
         self.dotted = dotted  # "model.transformer.h.0", the cache's key
         self.interleaver = None
+        self.slot = None
         self.call_inputs = None
         self.observers = None  # callables(hook, path, args, kwargs, output) after each call (tracer.cache)
         self.ops = None  # operation name -> OperationHook, when the trace uses this module's .source
-        self.repeats = False  # its parent's forward calls it several times (see Envoy._called_repeatedly)
 
     def install(self, interleaver, counts_steps=False):
         self.interleaver = interleaver
@@ -255,30 +308,20 @@ class ModuleHook:
         self.waiting = 0  # requests parked on this module (any point)
         self.waiting_input = 0  # of which for its input point
         self.counts_steps = counts_steps  # the root of a generation loop: each call is a step
-        module_dict = self.module.__dict__
-        self.previous = module_dict.get("forward", _MISSING)
-        self.original = self.module.forward
-        self.__wrapped__ = self.original  # keeps inspect.signature(module.forward) truthful
-        module_dict["forward"] = self
-        ModuleHook.installed += 1
+        self.slot = slot = ModuleSlot.acquire(self.module)
+        self.forward = slot.original  # what this trace runs (``.source`` swaps in the rewritten forward)
 
     def remove(self):
         if self.interleaver is None:
             return
-        module_dict = self.module.__dict__
-        if module_dict.get("forward") is self:
-            if self.previous is _MISSING:
-                del module_dict["forward"]
-            else:
-                module_dict["forward"] = self.previous
-        ModuleHook.installed -= 1
-        self.interleaver = self.call_inputs = self.original = self.previous = self.__wrapped__ = None
+        self.slot.release()
+        self.interleaver = self.call_inputs = self.forward = self.slot = None
         self.observers = self.ops = None
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, args, kwargs):
         il = self.interleaver
         if il.bypass:
-            return self.original(*args, **kwargs)
+            return self.forward(*args, **kwargs)
         if self.counts_steps:
             il.begin_step()
         step = il.step
@@ -290,10 +333,10 @@ class ModuleHook:
         if self.waiting_input:
             (args, kwargs), skip = il.serve(self, "input", index, (args, kwargs))
             self.call_inputs = (args, kwargs)
-            output = self.original(*args, **kwargs) if skip is _MISSING else skip
+            output = self.forward(*args, **kwargs) if skip is _MISSING else skip
         else:
             self.call_inputs = (args, kwargs)
-            output = self.original(*args, **kwargs)
+            output = self.forward(*args, **kwargs)
         if self.waiting:
             output = il.serve(self, "output", index, output)[0]
         if self.observers:
@@ -314,90 +357,81 @@ class Mediator:
         self.worker = None
         self.pending = None
         self.current = None  # Delivery the model is paused at for this mediator
-        self.advance = False  # envoy.next(): the next read goes to the module's next call
-        self.step = 0
-        self.counts = {}
+        self.step = 0  # the iteration this body's reads refer to (tracer.iter)
+        self.offsets = None  # hook -> calls skipped with envoy.next() in this iteration
+        self.loop = None  # the tracer.iter loop this body is in (see StepLoop)
         self.last = None  # Request last served, for error messages
         self.done = False
         self.served = 0
         self.views = {}  # id(row view) -> (view, full tensor): gradients of an invoke's rows
-        self.deferred_error = None  # why this body was put off, see Interleaver._defer
-        self.deferred_for = None
-
-    def restart(self):
-        """A fresh run of the body (it had not received any value yet)."""
-        self.done = False
-        self.pending = self.current = self.last = None
-        self.step = 0
-        self.counts = {}
 
     # -- worker side -------------------------------------------------------
 
-    def get(self, envoy, kind, peek=False):
-        """The value of ``envoy.<kind>`` for this invoke.
+    def _call_of(self, hook):
+        """``(generation step, call index)`` of ``hook`` that this iteration's reads mean."""
+        offset = self.offsets.get(hook, 0) if self.offsets else 0
+        if self.interleaver.stepping:
+            return self.step, offset
+        return 0, self.step + offset
 
-        Reading again while the model is still paused at the module returns the
-        same call's value (edits included), as in the public nnsight. For a module
-        its parent's forward calls several times (a shared module, a recurrence),
-        an untouched value read again means the module's next call: successive
-        reads get successive calls. Once the code has moved on to another module,
-        reading this one again always means its next call; ``envoy.next()`` asks
-        for it explicitly. ``peek``: the base of an assignment target
-        (``m.output[0][:] = ...``), which never asks for a new call on its own.
-        """
+    def get(self, envoy, kind):
+        """The value of ``envoy.<kind>`` for this invoke (see the module docstring for which call)."""
         hook = self.interleaver.hook_for(envoy)
+        step, index = self._call_of(hook)
         point = "output" if kind == "output" else "input"
         delivery = self.current
-        if delivery is not None and delivery.hook is hook and not self.advance:
+        if delivery is not None and delivery.hook is hook and delivery.index == index and delivery.step == step:
             if delivery.point == point:
-                if peek or not hook.repeats or kind not in delivery.kinds_read or delivery.edited():
-                    delivery.kinds_read.add(kind)
-                    return delivery.read(kind)
+                return delivery.read(kind)
             if point == "input":  # paused at the output: the inputs of the call that just ran
                 args_kwargs = narrow(hook.call_inputs, self.rows, self.interleaver.batch_size)
-                return Delivery(hook, "input", delivery.index, args_kwargs, args_kwargs).read(kind)
-        self.advance = False
-        delivery = self._wait(hook, point, kind)
-        if peek:
-            delivery.kinds_read.discard(kind)
-        return delivery.read(kind)
+                return Delivery(hook, "input", step, index, args_kwargs, args_kwargs).read(kind)
+        return self._wait(hook, point, kind, step, index).read(kind)
 
     def set(self, envoy, kind, value=_MISSING, make_value=None):
         """Replace ``envoy.<kind>``; ``make_value`` is called once the model has reached that point."""
         hook = self.interleaver.hook_for(envoy)
+        step, index = self._call_of(hook)
         point = "output" if kind == "output" else "input"
         delivery = self.current
-        if not (delivery is not None and delivery.hook is hook and delivery.point == point):
-            delivery = self._wait(hook, point, kind)
-            delivery.kinds_read.discard(kind)  # `m.output = f(m.output)` reads this same call
+        if not (
+            delivery is not None and delivery.hook is hook and delivery.point == point
+            and delivery.index == index and delivery.step == step
+        ):
+            delivery = self._wait(hook, point, kind, step, index)
         delivery.write(kind, make_value() if make_value is not None else value, self)
+
+    def next_call(self, envoy):
+        """``envoy.next()``: this iteration's later reads of the module mean its next call."""
+        hook = self.interleaver.hook_for(envoy)
+        if self.offsets is None:
+            self.offsets = {}
+        self.offsets[hook] = self.offsets.get(hook, 0) + 1
 
     def get_grad(self, tensor):
         hook = self.interleaver.grad_hook(tensor)
         delivery = self.current
         if delivery is not None and delivery.hook is hook:
             return delivery.view
-        return self._wait(hook, "grad", "grad").view
+        return self._wait(hook, "grad", "grad", 0, 0).view
 
     def set_grad(self, tensor, make_value):
         hook = self.interleaver.grad_hook(tensor)
         delivery = self.current
         if not (delivery is not None and delivery.hook is hook):
-            delivery = self._wait(hook, "grad", "grad")
+            delivery = self._wait(hook, "grad", "grad", 0, 0)
         delivery.write("grad", make_value(), self)
 
     def skip(self, envoy, value):
         hook = self.interleaver.hook_for(envoy)
+        step, index = self._call_of(hook)
         delivery = self.current
-        if not (delivery is not None and delivery.hook is hook and delivery.point == "input"):
-            delivery = self._wait(hook, "input", "input")
+        if not (delivery is not None and delivery.hook is hook and delivery.point == "input" and delivery.index == index):
+            delivery = self._wait(hook, "input", "input", step, index)
         delivery.skip = value
 
-    def _wait(self, hook, point, kind):
-        key = (hook, kind, self.step)
-        index = self.counts.get(key, 0)
-        self.counts[key] = index + 1
-        self.pending = Request(hook, point, kind, self.step, index)
+    def _wait(self, hook, point, kind, step, index):
+        self.pending = Request(hook, point, kind, step, index)
         hook.waiting += 1
         if point == "input":
             hook.waiting_input += 1
@@ -405,10 +439,11 @@ class Mediator:
         return self.interleaver.main.switch()
 
     def goto_step(self, step):
-        """Point this body's later reads at generation step ``step``."""
+        """Point this body's later reads at iteration ``step``."""
         if step != self.step:
             self.step = step
             self.current = None
+            self.offsets = None
 
     def wait_for_step(self, step) -> bool:
         """Park until forward number ``step`` begins; False if the model finished first."""
@@ -499,6 +534,7 @@ class Interleaver:
         self.mediators: list[Mediator] = []
         self.hooks: dict[int, ModuleHook] = {}
         self.step = -1
+        self.stepping = False  # generation: iterations are the model's forward passes
         self.bypass = 0
         self.finished = False
         self.stopping = False
@@ -506,9 +542,7 @@ class Interleaver:
         self.released = []
         self.tracer = None
         self.scanning = False  # shapes only (model.scan): writes are checked against the model's shapes
-        self.deferred = []  # later invokes whose code ran ahead of earlier ones, see _defer
         self.single = True
-        self._retrying = False
         self.main = None
 
     @property
@@ -543,9 +577,11 @@ class Interleaver:
             if envoy._parent is not None:
                 self.hook_for(envoy._parent)
             hook = envoy._hook
-            if hook is None or hook.interleaver is not None:  # none yet, or in use by an enclosing trace
+            # None yet, in use by another trace, or made for a module the envoy no longer wraps
+            # (a lazily loaded model replaces its meta modules with real ones).
+            if hook is None or hook.interleaver is not None or hook.module is not envoy._module:
                 hook = envoy._new_hook()
-                if envoy._hook is None:
+                if envoy._hook is None or envoy._hook.interleaver is None:
                     envoy._hook = hook
             hook.install(self, counts_steps)
             self.hooks[key] = hook
@@ -578,7 +614,7 @@ class Interleaver:
                 else:
                     view = narrow(value, rows, self.batch_size)
                     _remember_views(mediator.views, view, value)
-                delivery = Delivery(hook, point, index, value, view, request.kind)
+                delivery = Delivery(hook, point, step, index, value, view)
                 mediator.current = delivery
                 if self.single:
                     mediator.resume(delivery)
@@ -629,14 +665,20 @@ class Interleaver:
         """
         self.main = greenlet.getcurrent()
         result = None
+        outer = current.interleaver
         try:
             if steps_from is not None:
+                self.stepping = True
                 self.hook_for(steps_from).counts_steps = True
             for mediator in self.mediators:
                 self._resume(mediator, None)
             if steps_from is None:
                 self.begin_step()
-            result = compute()
+            current.interleaver = self
+            try:
+                result = compute()
+            finally:
+                current.interleaver = outer
         except EarlyStop:
             pass
         finally:
@@ -648,46 +690,11 @@ class Interleaver:
         return result
 
     def _resume(self, mediator, value):
-        try:
-            mediator.resume(value)
-        except Exception as error:
-            if not self._defer(mediator, error):
-                raise
+        mediator.resume(value)
         while self.released:
             released = self.released.pop(0)
             released.pending = None
             released.resume(None)
-        if self.deferred and not self._retrying:
-            self._retry_deferred(after=mediator)
-
-    def _defer(self, mediator, error) -> bool:
-        """A later invoke failed before the model gave it anything: try it again later.
-
-        Its code ran ahead of the earlier invokes it reads from, as the README's
-        cross-invoke example does (``wte.output = embeddings`` in invoke 2, where
-        invoke 1 sets ``embeddings``). Nothing is lost by running such a body again
-        from the top once an earlier invoke has moved on; if it never succeeds, its
-        error is raised when the model finishes.
-        """
-        position = self.mediators.index(mediator)
-        if mediator.served or all(earlier.done for earlier in self.mediators[:position]):
-            return False
-        mediator.deferred_error = error
-        mediator.deferred_for = getattr(error, "name", None) if isinstance(error, NameError) else None
-        mediator.restart()
-        self.deferred.append(mediator)
-        return True
-
-    def _retry_deferred(self, after):
-        position = self.mediators.index(after)
-        self._retrying = True
-        try:
-            for mediator in list(self.deferred):
-                if self.mediators.index(mediator) > position:
-                    self.deferred.remove(mediator)
-                    self._resume(mediator, None)
-        finally:
-            self._retrying = False
 
     def release(self, mediators):
         """Let every mediator parked at a barrier go on, in invoke order, once the model regains control."""
@@ -698,7 +705,7 @@ class Interleaver:
             hook.remove()
 
     def _settle(self):
-        """After the model: end open-ended step loops, hand out the result, report what was never served."""
+        """After the model: end open-ended loops, hand out the result, report what was never served."""
         progress = True
         while progress:
             progress = False
@@ -712,8 +719,12 @@ class Interleaver:
                     mediator.pending = None
                     self._resume(mediator, narrow(self.result, mediator.rows, self.batch_size))
                     progress = True
-        for mediator in self.deferred:
-            raise mediator.deferred_error
+                elif type(request) is Request and not self.stepping and mediator.loop is not None:
+                    if mediator.loop.reached_end(mediator.step):
+                        # tracer.iter over the calls of a module: the model made no call number `step`
+                        mediator.pending = None
+                        mediator.throw(LoopEnd())
+                        progress = True
         for mediator in self.mediators:
             if mediator.pending is not None and not mediator.done:
                 self._fail(mediator)
@@ -721,21 +732,11 @@ class Interleaver:
     def _fail(self, mediator):
         request = mediator.pending
         mediator.pending = None
-        error = self._missed_error(mediator, request)
+        error = self._describe_missed(mediator, request)
         mediator.throw(error)
         # The body caught the error and carried on: it asked for something else.
         if mediator.pending is not None and not mediator.done:
             self._fail(mediator)
-
-    def _missed_error(self, mediator, request):
-        error = self._describe_missed(mediator, request)
-        if mediator.deferred_for is not None:
-            error.args = (
-                error.args[0] + " Note: this invoke could only start once an earlier invoke had set "
-                + (f"{mediator.deferred_for!r}" if mediator.deferred_for else "the values it reads")
-                + ", and by then the model had moved past the modules it reads first.",
-            )
-        return error
 
     def _describe_missed(self, mediator, request):
         if type(request) is BarrierRequest:
@@ -762,9 +763,7 @@ class Interleaver:
         if ran:
             return MissedValueError(
                 f"{wanted} was requested, but {request.hook.path} ran only {request.hook.count} time(s) in this "
-                f"forward pass after the request. Reading a module again after reading another one (or with "
-                f".next()) asks for its next call; to use the same call's value again, keep the first read "
-                f"in a variable."
+                f"forward pass. Later calls of a module are reached with tracer.iter[...] or envoy.next()."
             )
         return MissedValueError(
             f"{wanted} was requested, but {request.hook.path} did not run"
@@ -787,7 +786,3 @@ def _runs_before(order, hook_a, hook_b) -> bool:
     if b.startswith(a + ".") or b.startswith(a + "["):
         return False
     return order is not None and order.get(a, -1) < order.get(b, -1)
-
-
-
-errors._WORKER_ENTRY = _Worker._run.__code__

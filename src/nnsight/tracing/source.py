@@ -21,9 +21,11 @@ import inspect
 import textwrap
 import types
 
+import torch
+
 from .values import ValueAccess
 from .errors import NNsightError
-from .interleaver import ModuleHook, current_mediator
+from .interleaver import ModuleHook, active_hook, current_mediator
 
 OP = "__nnsight_call__"
 
@@ -166,12 +168,40 @@ def source_info(target) -> SourceInfo:
 
 def _dispatch(module, name, fn, *args, **kwargs):
     """Every call site of a rewritten forward goes through here."""
-    hook = module.__dict__.get("forward")
-    ops = getattr(hook, "ops", None) if type(hook) is ModuleHook else None
+    hook = active_hook(module)
+    ops = hook.ops if hook is not None else None
     op = ops.get(name) if ops else None
     if op is None or op.interleaver is None:
         return fn(*args, **kwargs)
     return op.call(fn, args, kwargs)
+
+
+def _rewritten_forward(module, slot):
+    """The module's forward with every call site named, inside whatever wraps the instance's forward.
+
+    accelerate's device hooks (``device_map=...``) wrap an instance's forward and keep
+    the class's as ``_old_forward``; their pre/post steps still run around ours.
+    """
+    rewritten = types.MethodType(source_info(type(module)).forward, module)
+    accelerate_hook = module.__dict__.get("_hf_hook")
+    if slot.wraps_instance_forward and accelerate_hook is not None and "_old_forward" in module.__dict__:
+
+        def forward(*args, **kwargs):
+            args, kwargs = accelerate_hook.pre_forward(module, *args, **kwargs)
+            if accelerate_hook.no_grad:
+                with torch.no_grad():
+                    output = rewritten(*args, **kwargs)
+            else:
+                output = rewritten(*args, **kwargs)
+            return accelerate_hook.post_forward(module, output)
+
+        return forward
+    if slot.wraps_instance_forward:
+        raise NNsightError(
+            f"{type(module).__name__}.source cannot be used here: something other than accelerate "
+            "replaced this module instance's forward, and nnsight cannot run its named operations inside it"
+        )
+    return rewritten
 
 
 class OperationHook(ModuleHook):
@@ -197,16 +227,14 @@ class OperationHook(ModuleHook):
             parent.ops = {}
             if type(parent) is ModuleHook:
                 # The rewritten forward runs for every later call of this module in this trace.
-                parent.original = types.MethodType(source_info(type(self.module)).forward, self.module)
+                parent.forward = _rewritten_forward(self.module, parent.slot)
         parent.ops[self.name] = self
         self.module_hook = parent
-        ModuleHook.installed += 1
 
     def remove(self):
         if self.interleaver is None:
             return
-        ModuleHook.installed -= 1
-        self.interleaver = self.call_inputs = self.original = self.module_hook = None
+        self.interleaver = self.call_inputs = self.forward = self.module_hook = None
         self.observers = None
 
     def call(self, fn, args, kwargs):
@@ -219,8 +247,8 @@ class OperationHook(ModuleHook):
                 )
             rewritten = info.bind(self._dispatch_inner)
             fn = types.MethodType(rewritten, fn.__self__) if isinstance(fn, types.MethodType) else rewritten
-        self.original = fn
-        return self(*args, **kwargs)
+        self.forward = fn
+        return self(args, kwargs)
 
     def _dispatch_inner(self, _first, name, fn, *args, **kwargs):
         op = self.ops.get(name) if self.ops else None
@@ -249,9 +277,9 @@ class OperationEnvoy(ValueAccess):
     @property
     def source(self):
         """Operations inside the function called here (known once the model calls it, inside a trace)."""
-        accessor = self.__dict__.get("_source")
+        accessor = self.__dict__.get("_source_accessor")
         if accessor is None:
-            accessor = self.__dict__["_source"] = CalledSourceAccessor(self)
+            accessor = self.__dict__["_source_accessor"] = CalledSourceAccessor(self)
         return accessor
 
     def _mediator(self, what):

@@ -27,7 +27,7 @@ import warnings
 
 from .capture import SkipBlock, bind, capture, read_scope
 from .errors import NNsightError, user_traceback
-from .interleaver import Interleaver, ResultRequest, StepRequest, current_mediator
+from .interleaver import Interleaver, LoopEnd, ResultRequest, StepRequest, current_mediator
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,17 +102,18 @@ class StepLoop:
         if mediator is None:
             raise NNsightError("tracer.iter[...] can only be used inside a trace or generate block")
         steps, open_ended = self._steps()
+        if mediator.interleaver.stepping:
+            return self._generation_steps(mediator, steps, open_ended)
+        return self._calls(mediator, steps, open_ended)
+
+    def _generation_steps(self, mediator, steps, open_ended):
         last = None
         remaining = list(steps) if not open_ended else None
         try:
             for step in steps:
                 if not mediator.wait_for_step(step):
                     if not open_ended:
-                        warnings.warn(
-                            f"tracer.iter: generation step(s) {remaining} never ran (the model ran "
-                            f"{mediator.interleaver.step + 1} step(s)); the code for those steps was skipped",
-                            stacklevel=2,
-                        )
+                        _warn_unreached(remaining, mediator.interleaver.step + 1, "generation step(s)")
                     break
                 mediator.goto_step(step)
                 last = step
@@ -123,6 +124,23 @@ class StepLoop:
             if last is not None:
                 mediator.goto_step(last + 1)
 
+    def _calls(self, mediator, steps, open_ended):
+        """In a single forward, iteration ``i`` is each module's call number ``i``."""
+        outer, before = mediator.loop, mediator.step
+        state = mediator.loop = _CallLoop(open_ended, steps)
+        try:
+            for step in steps:
+                if state.first is None:
+                    state.first = step
+                mediator.goto_step(step)
+                yield step
+                if state.remaining is not None:
+                    state.remaining.pop(0)
+        finally:
+            # After the loop, reads mean the calls they meant before it (the public nnsight's rule).
+            mediator.loop = outer
+            mediator.goto_step(before)
+
     def __enter__(self):
         raise NNsightError(
             "`with tracer.iter[...]:` works directly inside a trace block; in a helper function "
@@ -131,6 +149,34 @@ class StepLoop:
 
     def __exit__(self, *exc):
         return False
+
+
+class _CallLoop:
+    """A ``tracer.iter`` loop over the calls of modules in one forward (see StepLoop._calls)."""
+
+    __slots__ = ("first", "open_ended", "remaining")
+
+    def __init__(self, open_ended, steps):
+        self.first = None
+        self.open_ended = open_ended
+        self.remaining = None if open_ended else list(steps)
+
+    def reached_end(self, step) -> bool:
+        """The model finished while the loop's body waited in iteration ``step``: end the loop there?"""
+        if self.first is None or step <= self.first:
+            return False  # not even the first iteration was served: that is a missed value
+        if not self.open_ended:
+            _warn_unreached(self.remaining, step, "module call(s)")
+        return True
+
+
+
+def _warn_unreached(remaining, ran, what):
+    warnings.warn(
+        f"tracer.iter: {what} {remaining} never ran (the model ran {ran} {what}); "
+        "the code for those iterations was skipped",
+        stacklevel=3,
+    )
 
 
 def _count(start, stride):
@@ -150,6 +196,8 @@ class BlockContext:
 
     Subclasses say what running means (``_execute``) and what an implicit invoke is.
     """
+
+    LoopEnd = LoopEnd  # compiled ``tracer.iter`` loops end on it (see capture._ending_loop)
 
     _enter_returns_self = True
 
@@ -199,6 +247,10 @@ class BlockContext:
             _running.context = self.parent
         values = read_scope(scope)
         values.update(self._published)
+        if self.parent is not None:
+            # Inside a session every name stays visible to the code after this block, as if
+            # the session were one block; the session itself binds only what was saved.
+            return values
         return {name: value for name, value in values.items() if self._keeps(value)}
 
     def _execute(self, scope):
@@ -221,13 +273,6 @@ class BlockContext:
         if type(value) is dict:
             return bool(value) and any(id(v) in saved for v in value.values())
         return False
-
-    def peek(self, target, kind):
-        """``target.<kind>`` as the base of an assignment target (see capture._PeekRewriter)."""
-        mediator = current_mediator()
-        if mediator is None or not hasattr(target, "_key"):
-            return getattr(target, kind)
-        return mediator.get(target, kind, peek=True)
 
     # -- gradients (compiled from `with loss.backward():` blocks) ------------
 
