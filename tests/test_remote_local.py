@@ -68,3 +68,19 @@ def test_weights_stay_read_only_through_augmented_assignment(model):
 def test_remote_takes_true_or_local(model):
     with pytest.raises(ValueError, match='"local"'):
         model.trace("Hello", remote="elsewhere")
+
+
+def test_remote_inside_remote_code_is_refused_by_the_threads_own_state(model):
+    import threading
+
+    from nnsight.remote import client
+
+    assert not hasattr(client, "_IN_WORKER")  # no module flag set from outside
+    with client.executing_remote_code():
+        with pytest.raises(SandboxError, match="inside remote code"):
+            model.trace("Hello", remote="local")
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(model.trace("Hello", remote="local")))
+        other.start()
+        other.join()
+        assert seen  # another thread is not running remote code

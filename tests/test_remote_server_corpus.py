@@ -12,28 +12,17 @@ pytest.importorskip("transformers")
 import remote_corpus  # noqa: E402
 from nnsight import LanguageModel  # noqa: E402
 from test_remote_corpus import same  # noqa: E402
-from test_remote_support import create_key, make_tiny_gpt2, remote_config, start_server  # noqa: E402,F401
+from test_remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    folder = make_tiny_gpt2(root / "tiny")
-    data = root / "data"
-    key = create_key(data)
-    srv = start_server([f"tiny-gpt2={folder}"], data, "--job-timeout", "30")
-    try:
-        yield srv, key, folder
-    finally:
-        srv.stop()
+    yield from serve_tiny(tmp_path_factory, "corpus")
 
 
 @pytest.fixture
 def models(served, remote_config):
-    srv, key, folder = served
-    remote_config.API.HOST = srv.url
-    remote_config.API.APIKEY = key
-    return LanguageModel("tiny-gpt2", remote=True), LanguageModel(str(folder)), srv
+    return (*connect(served, remote_config), served[0])
 
 
 @pytest.mark.parametrize("name", sorted(remote_corpus.BLOCKS))
