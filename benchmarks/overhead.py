@@ -69,10 +69,12 @@ def small_cases(quick):
     return {"plain_2layer_us": p, "empty_trace_us": e - p, "one_save_trace_us": s - p2}
 
 
+# Every site's text differs (as an edited notebook cell does), so no cache keyed by text helps.
 COLD_TEMPLATE = '''
 def site_{i}(model, x):
     with model.trace(x):
         hidden = model[0].output.save()
+        scaled_{i} = hidden * {i}
     return hidden
 '''
 
@@ -164,14 +166,14 @@ def gpt2_case(quick):
         with torch.no_grad():
             with model.trace(ids):
                 for i in range(12):
-                    model.transformer.h[i].output[0].save()
+                    model.transformer.h[i].output.save()
 
     def traced_source():
         with torch.no_grad():
             with model.trace(ids):
                 for i in range(12):
                     model.transformer.h[i].attn.source.self_c_proj_0.output.save()
-                    model.transformer.h[i].output[0].save()
+                    model.transformer.h[i].output.save()
 
     ratios, source_ratios = [], []
     for _ in range(3):
@@ -217,7 +219,7 @@ def generate_cases(quick):
                 with model.generate(prompt, **kwargs) as tracer:
                     hidden = list().save()
                     for step in tracer.iter[:]:
-                        hidden.append(model.transformer.h[-1].output[0])
+                        hidden.append(model.transformer.h[-1].output)
             return hidden
 
         ratios, overheads = [], []
@@ -231,6 +233,131 @@ def generate_cases(quick):
         results[f"{name}_ratio"] = statistics.median(ratios)
         results[f"{name}_us_per_step"] = statistics.median(overheads)
     return results
+
+
+def scaling_case(quick):
+    """Cost of N saves in one trace of a 1000-layer Sequential: should be linear in N."""
+    import torch
+    from nnsight import NNsight
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(1000)])
+    model = NNsight(net)
+    x = torch.randn(1, 16)
+    layers = list(model)
+    calls, rounds = (3, 5) if quick else (5, 9)
+
+    def saving(n):
+        chosen = layers[:n]
+
+        def run():
+            with model.trace(x):
+                for layer in chosen:
+                    layer.output.save()
+
+        return run
+
+    def empty():
+        with model.trace(x):
+            pass
+
+    results, points = {}, []
+    for n in (1, 10, 100, 1000):
+        e, t = _blocks(empty, saving(n), calls, rounds)
+        results[f"saves_{n}_us"] = t - e
+        points.append((n, t - e))
+    mean_n = statistics.mean(n for n, _ in points)
+    mean_t = statistics.mean(t for _, t in points)
+    slope = sum((n - mean_n) * (t - mean_t) for n, t in points) / sum((n - mean_n) ** 2 for n, _ in points)
+    results["saves_slope_us"] = slope
+    return results
+
+
+def invokes_case(quick):
+    """1, 8 and 64 one-token prompt invokes in one trace of a 2-layer model: cost per extra invoke."""
+    import torch
+
+    hf, model = _lm(2, 64, 4)
+    rounds = 5 if quick else 11
+    overhead = {}
+    for k in (1, 8, 64):
+        ids = torch.randint(0, 50257, (k, 1))
+
+        def plain():
+            with torch.no_grad():
+                hf(ids)
+
+        def traced():
+            with torch.no_grad():
+                with model.trace() as tracer:
+                    for i in range(k):
+                        with tracer.invoke(ids[i : i + 1]):
+                            model.lm_head.output.save()
+
+        p, t = _blocks(plain, traced, 3, rounds)
+        overhead[k] = t - p
+    return {"invokes_1_us": overhead[1], "per_extra_invoke_us": (overhead[64] - overhead[1]) / 63}
+
+
+def generate_long_case(quick):
+    """100 generated tokens on a tiny model, one save per step: overhead per step."""
+    import torch
+
+    hf, model = _lm(2, 64, 4)
+    prompt = torch.randint(0, 50257, (1, 4))
+    mask = torch.ones_like(prompt)
+    steps = 100
+    kwargs = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=50256)
+
+    def plain():
+        with torch.no_grad():
+            hf.generate(prompt, attention_mask=mask, **kwargs)
+
+    def traced():
+        with torch.no_grad():
+            with model.generate(prompt, **kwargs) as tracer:
+                hidden = list().save()
+                for step in tracer.iter[:]:
+                    hidden.append(model.lm_head.output)
+        return hidden
+
+    overheads = []
+    for _ in range(3 if quick else 7):
+        p, t = _blocks(plain, traced, 1, 1)
+        overheads.append((t - p) / steps)
+    return {"gen100_us_per_step": statistics.median(overheads)}
+
+
+def memory_hidden_case(quick):
+    """1,000 traces each saving 12 hidden states, dropped at once: RSS flat, nothing kept alive."""
+    import gc
+    import weakref
+
+    import torch
+    from nnsight import NNsight
+
+    net = torch.nn.Sequential(*[torch.nn.Linear(256, 256) for _ in range(12)])
+    model = NNsight(net)
+    x = torch.randn(8, 256)
+    layers = list(model)
+    alive = []
+
+    def run():
+        with model.trace(x):
+            states = [layer.output.save() for layer in layers]
+        alive.append(weakref.ref(states[-1]))
+
+    for _ in range(50):
+        run()
+    gc.collect()
+    rss0 = _rss_mb()
+    for _ in range(1000):
+        run()
+    gc.collect()
+    return {
+        "rss_growth_mb_12_states": _rss_mb() - rss0,
+        "tensors_kept_alive": sum(ref() is not None for ref in alive),
+    }
 
 
 def memory_case(quick):
@@ -258,10 +385,14 @@ def _rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-CASES = [small_cases, cold_case, deep_cases, memory_case, gpt2_case, generate_cases]
+CASES = [
+    small_cases, cold_case, deep_cases, scaling_case, invokes_case, memory_case, memory_hidden_case, gpt2_case,
+    generate_cases, generate_long_case,
+]
+GENERATION = (generate_cases, generate_long_case)
 
 
-def worker(quick, skip_generate):
+def worker(quick, skip_generate, only=None):
     import torch
 
     torch.set_num_threads(1)
@@ -270,9 +401,14 @@ def worker(quick, skip_generate):
     warnings.filterwarnings("ignore")
     results = {}
     for case in CASES:
-        if skip_generate and case is generate_cases:
+        if skip_generate and case in GENERATION:
             continue
-        results.update(case(quick))
+        if only and case.__name__ not in only:
+            continue
+        try:
+            results.update(case(quick))
+        except Exception as error:  # one case failing under a library version still reports the others
+            print(f"case {case.__name__} failed: {type(error).__name__}: {error}", file=sys.stderr)
     return results
 
 
@@ -285,11 +421,21 @@ ROWS = [
     ("per_read_write_us", "per read-and-write, 100-layer (µs)", 12),
     ("gpt2_small_12_saves_ratio", "GPT-2-small, 12 saves (traced/plain)", 1.01),
     ("gpt2_source_ratio", "GPT-2-small, + .source op in every layer (ratio)", 1.02),
+    ("saves_1_us", "1 save in a 1000-layer Sequential, over empty (µs)", None),
+    ("saves_10_us", "10 saves, over empty (µs)", None),
+    ("saves_100_us", "100 saves, over empty (µs)", None),
+    ("saves_1000_us", "1000 saves, over empty (µs)", None),
+    ("saves_slope_us", "cost per save, fitted slope (µs)", 8),
+    ("invokes_1_us", "1 invoke, 2-layer LM, over plain (µs)", None),
+    ("per_extra_invoke_us", "per extra invoke, 1 -> 64 (µs)", None),
     ("rss_growth_mb_1000_traces", "RSS growth over 1,000 traces (MB)", None),
+    ("rss_growth_mb_12_states", "RSS growth, 1,000 traces x 12 saved states (MB)", None),
+    ("tensors_kept_alive", "saved tensors alive after the user dropped them", 0),
     ("thread_growth_1000_traces", "thread growth over 1,000 traces", 0),
     ("gen_tiny_us_per_step", "generate 20 tokens, tiny model: overhead per step (µs)", None),
     ("gen_tiny_ratio", "generate 20 tokens, tiny model (traced/plain)", None),
     ("gen_gpt2_small_ratio", "generate 20 tokens, GPT-2-small (traced/plain)", 1.01),
+    ("gen100_us_per_step", "generate 100 tokens, tiny model: overhead per step (µs)", None),
 ]
 
 
@@ -298,12 +444,14 @@ def main():
     parser.add_argument("--reference", help="python of a venv with the public nnsight installed")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-generate", action="store_true")
+    parser.add_argument("--only", help="comma-separated case functions to run (e.g. small_cases,cold_case)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.quick, args.no_generate)))
+        print(json.dumps(worker(args.quick, args.no_generate, args.only.split(",") if args.only else None)))
         return
     flags = ["--worker"] + (["--quick"] if args.quick else []) + (["--no-generate"] if args.no_generate else [])
+    flags += ["--only", args.only] if args.only else []
     env = dict(os.environ, OMP_NUM_THREADS="1")
     ours = _run(sys.executable, flags, env)
     theirs = _run(args.reference, flags, {**env, "PYTHONPATH": ""}, outside=True) if args.reference else None

@@ -6,6 +6,7 @@ import re
 import runpy
 
 import pytest
+import torch
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -23,3 +24,7 @@ def test_readme_python_blocks_run(tmp_path):
     assert namespace["grad"].shape == namespace["hs"].shape
     assert namespace["dim"] == 576
     assert namespace["output"].shape[0] == 1
+    # Model classes, aliases and extensions: the alias reads the real module; the head edit lands.
+    assert torch.equal(namespace["ffn"], namespace["same"])
+    out = namespace["out"]
+    assert torch.all(out[..., 128:192] == 0) and not torch.all(out[..., :128] == 0)

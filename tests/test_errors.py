@@ -169,3 +169,28 @@ def test_reread_after_in_place_edit_is_the_same_call(seq):
         inputs = model[0].inputs
         first_input = model[0].input.save()
     assert torch.all(edited[:, 0] == 5.0) and first_input.shape == (1, 5)
+
+
+def _frames_of(model, x):
+    try:
+        with model.trace(x):
+            model[0].output.save()
+            bad = model[0].output[0, 99]
+    except IndexError as error:
+        return [entry.filename for entry in traceback.extract_tb(error.__traceback__)]
+    raise AssertionError("expected an IndexError")
+
+
+def test_debug_switch_shows_engine_frames(seq, monkeypatch):
+    from nnsight import CONFIG, NNsight
+
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    hidden = _frames_of(model, x)
+    assert not any(f.endswith("interleaver.py") for f in hidden)
+    monkeypatch.setattr(CONFIG.APP, "DEBUG", True)
+    shown = _frames_of(model, x)
+    assert any(f.endswith("interleaver.py") for f in shown) and len(shown) > len(hidden)
+    monkeypatch.setattr(CONFIG.APP, "DEBUG", False)
+    monkeypatch.setenv("NNSIGHT_DEBUG", "1")
+    assert any(f.endswith("interleaver.py") for f in _frames_of(model, x))

@@ -86,11 +86,11 @@ def test_for_loop_form_and_all(lm):
     assert a == [0, 1, 2]
 
 
-def test_next_moves_to_the_following_step(lm):
+def test_next_moves_to_the_following_step(lm, block_hidden):
     with lm.generate("Hello there", max_new_tokens=3) as tracer:
-        first = lm.transformer.h[0].output[0].save()
+        first = block_hidden(lm.transformer.h[0].output).save()
         tracer.next()
-        second = lm.transformer.h[0].output[0].save()
+        second = block_hidden(lm.transformer.h[0].output).save()
     assert first.shape[1] == 2 and second.shape[1] == 1
 
 

@@ -108,3 +108,25 @@ def test_gradients_with_several_invokes():
     expected = torch.autograd.grad(net[2](net[1](h)).sum(), h)[0]
     assert torch.allclose(grad_a, expected)
     assert out_b.shape == (2, 3)
+
+
+def test_backward_after_the_trace_is_plain_pytorch():
+    # The documented form: retain_grad inside the trace, an ordinary backward after it.
+    net = _net()
+    model = NNsight(net)
+    x = torch.rand(2, 4)
+    with model.trace(x):
+        hidden = model[0].output
+        hidden.retain_grad()
+        hidden = hidden.save()
+        loss = model.output.sum().save()
+    loss.backward(retain_graph=True)
+    h = net[0](x)
+    expected = torch.autograd.grad(net[2](net[1](h)).sum(), h)[0]
+    assert torch.allclose(hidden.grad, expected)
+    # 0.8.1's `with loss.backward():` after the trace needs a global patch of Tensor.backward;
+    # without one, backward runs and Python then refuses the `with` (nothing else happens).
+    with pytest.raises(TypeError, match="context manager"):
+        with loss.backward():
+            pass
+    assert torch.allclose(hidden.grad, 2 * expected)  # that backward did run: gradients accumulate

@@ -91,15 +91,15 @@ def test_tuple_output_edit_and_whole_replacement():
     assert torch.equal(out2, (x + 1) * 10 + x * 2)
 
 
-def test_gpt2_block_intervention_equals_hook(gpt2):
+def test_gpt2_block_intervention_equals_hook(gpt2, block_hidden):
     ids = torch.tensor([[464, 412, 733, 417, 8765]])
     model = NNsight(gpt2)
     with model.trace(ids):
-        model.transformer.h[0].output[0][:, -1, :] = 0
+        block_hidden(model.transformer.h[0].output)[:, -1, :] = 0
         logits = model.output.logits.save()
 
     def zero_last(o):
-        o[0][:, -1, :] = 0
+        block_hidden(o)[:, -1, :] = 0
         return o
 
     h = patched(gpt2, "transformer.h.0", zero_last)

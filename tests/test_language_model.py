@@ -83,10 +83,10 @@ def test_prompt_less_invoke_sees_all_rows(gpt2, gpt2_tokenizer):
     assert torch.equal(out_all[0], out1[0]) and torch.equal(out_all[1:], out2)
 
 
-def test_logit_lens_ad_hoc_modules(gpt2, gpt2_tokenizer):
+def test_logit_lens_ad_hoc_modules(gpt2, gpt2_tokenizer, block_hidden):
     model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
     with model.trace("The Eiffel Tower is in the city of"):
-        hidden_states = model.transformer.h[-1].output[0]
+        hidden_states = block_hidden(model.transformer.h[-1].output)
         logits = model.lm_head(model.transformer.ln_f(hidden_states))
         tokens = logits.argmax(dim=-1).save()
         final = model.lm_head.output.argmax(dim=-1).save()

@@ -3,6 +3,14 @@
 Module names are GPT-2's, as in the README, on a small GPT-2 with random weights
 (6 layers so that ``h[5]`` exists); examples about real text run on SmolLM2 in
 test_smollm2.py. Each test asserts what the README says the example shows.
+
+The README is written for transformers 4.x, where a GPT-2 block returns a tuple and
+``h[i].output[0]`` is the hidden states. Under 5.x the block returns the tensor, so the
+same code means batch row 0 (nnsight 0.8.1 behaves the same). The oracle is the same
+expression applied to what a plain ``register_forward_hook`` sees, so each test checks
+the meaning the code has under the installed version. Two examples cannot run under 5.x
+as written, and their tests check the error 0.8.1 also gives there: ``output[0][:, -1, :]``
+on a 2-D row (IndexError), and ``.grad`` of the row view, which the loss never reaches.
 """
 
 import pytest
@@ -13,6 +21,26 @@ transformers = pytest.importorskip("transformers")
 from nnsight import LanguageModel, NNsight, OutOfOrderError  # noqa: E402
 
 
+def _plain(model, prompt, names, zero_block0=False):
+    """The raw outputs of the modules at ``names`` in a plain forward (hooks), and the logits."""
+    seen = {}
+    net = model._module
+    handles = []
+    if zero_block0:
+        def zero(mod, args, out):
+            out[0][:] = 0  # the README's edit, applied to the raw output
+        handles.append(net.get_submodule("transformer.h.0").register_forward_hook(zero))
+    for name in names:
+        handles.append(net.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: seen.setdefault(name, o)))
+    try:
+        with torch.no_grad():
+            logits = net(**model.tokenizer(prompt, return_tensors="pt")).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, logits
+
+
 @pytest.fixture(scope="module")
 def model(gpt2_tokenizer):
     torch.manual_seed(0)
@@ -20,13 +48,17 @@ def model(gpt2_tokenizer):
     return LanguageModel(transformers.GPT2LMHeadModel(config).eval(), tokenizer=gpt2_tokenizer)
 
 
-def test_quick_start_in_execution_order(model):
+def test_quick_start_in_execution_order(model, transformers_major):
     with model.trace("The Eiffel Tower is in the city of"):
         model.transformer.h[0].output[0][:] = 0
         hidden_states = model.transformer.h[-1].output[0].save()
         output = model.output.save()
     text = model.tokenizer.decode(output.logits.argmax(dim=-1)[0])
-    assert isinstance(text, str) and hidden_states.shape == (1, 10, 48)
+    seen, logits = _plain(model, "The Eiffel Tower is in the city of", ["transformer.h.5"], zero_block0=True)
+    assert torch.allclose(hidden_states, seen["transformer.h.5"][0], atol=1e-5)
+    assert torch.allclose(output.logits, logits, atol=1e-4)
+    assert text == model.tokenizer.decode(logits.argmax(dim=-1)[0])
+    assert hidden_states.shape == ((1, 10, 48) if transformers_major < 5 else (10, 48))
 
 
 def test_quick_start_as_written_reports_the_order(model):
@@ -38,22 +70,39 @@ def test_quick_start_as_written_reports_the_order(model):
             output = model.output.save()
 
 
-def test_accessing_activations(model):
+def test_accessing_activations(model, transformers_major):
     with model.trace("The Eiffel Tower is in the city of"):
         attn_output = model.transformer.h[0].attn.output[0].save()
         mlp_output = model.transformer.h[0].mlp.output.save()
         layer_output = model.transformer.h[5].output[0].save()
         logits = model.lm_head.output.save()
-    assert attn_output.shape == mlp_output.shape == layer_output.shape == (1, 10, 48)
-    assert logits.shape == (1, 10, 50257)
+    names = ["transformer.h.0.attn", "transformer.h.0.mlp", "transformer.h.5", "lm_head"]
+    seen, _ = _plain(model, "The Eiffel Tower is in the city of", names)
+    assert torch.allclose(attn_output, seen["transformer.h.0.attn"][0], atol=1e-5)
+    assert torch.allclose(mlp_output, seen["transformer.h.0.mlp"], atol=1e-5)
+    assert torch.allclose(layer_output, seen["transformer.h.5"][0], atol=1e-5)
+    assert torch.allclose(logits, seen["lm_head"], atol=1e-4)
+    assert attn_output.shape == mlp_output.shape == (1, 10, 48)  # the attention module returns a tuple in both
+    assert layer_output.shape == ((1, 10, 48) if transformers_major < 5 else (10, 48))
 
 
-def test_in_place_modification(model):
+def test_in_place_modification(model, transformers_major):
+    if transformers_major < 5:
+        with model.trace("Hello"):
+            model.transformer.h[0].output[0][:] = 0
+            model.transformer.h[0].output[0][:, -1, :] = 0
+            after = model.transformer.h[0].output[0].save()
+        assert after.shape == (1, 1, 48) and torch.all(after == 0)
+        return
+    # 5.x: `output[0]` is row 0 (2-D), so zeroing it zeroes this one-row batch...
     with model.trace("Hello"):
         model.transformer.h[0].output[0][:] = 0
-        model.transformer.h[0].output[0][:, -1, :] = 0
-        after = model.transformer.h[0].output[0].save()
-    assert torch.all(after == 0)
+        after = model.transformer.h[0].output.save()
+    assert after.shape == (1, 1, 48) and torch.all(after == 0)
+    # ...and the last-token line has one index too many for it.
+    with pytest.raises(IndexError, match="too many indices"):
+        with model.trace("Hello"):
+            model.transformer.h[0].output[0][:, -1, :] = 0
 
 
 def test_replacement(model):
@@ -100,12 +149,21 @@ def test_multi_token_generation(model):
     assert text.startswith("The Eiffel Tower is in") and output.shape == (1, 7 + 3)
 
 
-def test_iterating_over_generation_steps(model):
+def test_iterating_over_generation_steps(model, transformers_major):
     with model.generate("Hello", max_new_tokens=5) as tracer:
         logits = list().save()
         with tracer.iter[:]:
             logits.append(model.lm_head.output[0][-1].argmax(dim=-1))
-    assert len(model.tokenizer.batch_decode(logits)) == 5
+        output = model.generator.output.save()
+    text = model.tokenizer.batch_decode(logits)
+    # Greedy generation: each step's argmax is the token generated at that step.
+    assert torch.equal(torch.stack(logits), output[0, -5:])
+    # transformers 5's batch_decode reads a flat list of ids as one sequence.
+    tokens = output[0, -5:].tolist()
+    if transformers_major < 5:
+        assert text == [model.tokenizer.decode(t) for t in tokens]
+    else:
+        assert text == [model.tokenizer.decode(tokens)]
 
 
 def test_conditional_interventions_per_step(model):
@@ -118,15 +176,32 @@ def test_conditional_interventions_per_step(model):
     assert len(outputs) == 5
 
 
-def test_gradients(model):
-    with model.trace("Hello"):
-        hs = model.transformer.h[-1].output[0]
-        hs.requires_grad_(True)
-        logits = model.lm_head.output
-        loss = logits.sum()
-        with loss.backward():
-            grad = hs.grad.save()
-    assert grad.shape == (1, 1, 48)
+def test_gradients(model, transformers_major):
+    def run():
+        with model.trace("Hello"):
+            hs = model.transformer.h[-1].output[0]
+            hs.requires_grad_(True)
+            logits = model.lm_head.output
+            loss = logits.sum()
+            with loss.backward():
+                grad = hs.grad.save()
+        return grad
+
+    if transformers_major >= 5:
+        # `output[0]` is a view of row 0 that the model never uses, so no gradient reaches it.
+        with pytest.raises(OutOfOrderError, match="gradient"):
+            run()
+        return
+    grad = run()
+    # Oracle: autograd on a plain forward, through the last block's hidden states.
+    seen = {}
+    handle = model._module.transformer.h[-1].register_forward_hook(lambda m, a, o: seen.setdefault("hs", o[0]))
+    try:
+        logits = model._module(**model.tokenizer("Hello", return_tensors="pt")).logits
+        (expected,) = torch.autograd.grad(logits.sum(), seen["hs"])
+    finally:
+        handle.remove()
+    assert grad.shape == (1, 1, 48) and torch.allclose(grad, expected, atol=1e-5)
 
 
 def test_model_editing(model):
@@ -149,11 +224,13 @@ def test_scanning_gpt2_small_without_weights(gpt2_tokenizer):
     assert dim == 768
 
 
-def test_caching_activations(model):
+def test_caching_activations(model, transformers_major):
     with model.trace("Hello") as tracer:
         cache = tracer.cache()
     layer0_out = cache["model.transformer.h.0"].output
-    assert cache.model.transformer.h[0].output[0].shape == (1, 1, 48)
+    seen, _ = _plain(model, "Hello", ["transformer.h.0"])
+    assert cache.model.transformer.h[0].output[0].shape == ((1, 1, 48) if transformers_major < 5 else (1, 48))
+    assert torch.allclose(cache.model.transformer.h[0].output[0], seen["transformer.h.0"][0], atol=1e-5)
     assert torch.equal(layer0_out[0], cache.model.transformer.h[0].output[0])
 
 
@@ -177,21 +254,24 @@ def test_nnsight_for_any_pytorch_model():
     assert torch.equal(layer1_out, net[0](x)) and torch.equal(output, net(x))
 
 
-def test_ad_hoc_module_application(model):
+def test_ad_hoc_module_application(model, transformers_major):
     with model.trace("The Eiffel Tower is in the city of"):
         hidden_states = model.transformer.h[-1].output[0]
         logits = model.lm_head(model.transformer.ln_f(hidden_states))
         tokens = logits.argmax(dim=-1).save()
         final = model.lm_head.output.argmax(dim=-1).save()
-    assert torch.equal(tokens, final)
-    assert isinstance(model.tokenizer.decode(tokens[0]), str)
+    # The last block feeds ln_f and lm_head, so the lens over it is the model's own prediction
+    # (under 5.x for row 0 only: `[0]` took the row).
+    assert torch.equal(tokens, final if transformers_major < 5 else final[0])
 
 
-def test_core_concepts_example(model):
+def test_core_concepts_example(model, transformers_major):
     with model.trace("Hello"):
         hs = model.transformer.h[-1].output[0]
         hs = hs.save()
-    assert hs.shape == (1, 1, 48)
+    seen, _ = _plain(model, "Hello", ["transformer.h.5"])
+    assert torch.allclose(hs, seen["transformer.h.5"][0], atol=1e-5)
+    assert hs.shape == ((1, 1, 48) if transformers_major < 5 else (1, 48))
 
 
 def test_module_hierarchy_print(model):

@@ -65,7 +65,8 @@ def _one(server, key, i):
     h = {"X-API-Key": key}
     enc = Encoder()
     offset = {"$t": "tensor", "id": enc._tensor(torch.full((32,), float(i)), "offset")}
-    body = textwrap.indent("model.transformer.h[0].output[0][:, -1] = offset\nseen = model.transformer.h[0].output[0][:, -1].save()\n", "    ")
+    # The MLP's output is a tensor under transformers 4 and 5 (a block's is a tuple only under 4).
+    body = textwrap.indent("model.transformer.h[0].mlp.output[:, -1] = offset\nseen = model.transformer.h[0].mlp.output[:, -1].save()\n", "    ")
     req = {"model": "tiny-gpt2", "kind": "trace", "source": body, "body_lineno": 2, "inputs": [f"request {i}"],
            "variables": {"model": MODEL, "offset": offset}, "tensors": enc.blob()}
     for _ in range(200):  # 429 while this key already has 4 jobs: back off

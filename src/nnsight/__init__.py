@@ -10,6 +10,9 @@ from .config import CONFIG
 from .tracing.envoy import Envoy
 from .modeling.base import NNsight
 from .modeling.language import LanguageModel
+from .modeling.diffusion import DiffusionModel
+from .modeling.vision_language import VisionLanguageModel
+from .modeling.transformers import TransformersModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 from .ndif import get_local_env, is_model_running, register, status
@@ -20,6 +23,9 @@ __all__ = [
     "NNsight",
     "CONFIG",
     "LanguageModel",
+    "DiffusionModel",
+    "VisionLanguageModel",
+    "TransformersModel",
     "Envoy",
     "save",
     "NNsightError",

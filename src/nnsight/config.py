@@ -8,6 +8,8 @@ Precedence: environment (``NNSIGHT_HOST``, ``NNSIGHT_API_KEY``; the public clien
 ``NDIF_HOST``, ``NDIF_API_KEY`` when ours are unset) over the config file
 (``$NNSIGHT_CONFIG_DIR/config.json``, default ``~/.config/nnsight/config.json``) over defaults.
 ``CONFIG.APP.REMOTE_LOGGING`` (default True) prints job status lines to stderr.
+``CONFIG.APP.DEBUG = True`` (or ``NNSIGHT_DEBUG=1`` in the environment) keeps the engine's
+own frames in tracebacks, which are hidden by default so errors point at your code.
 """
 
 from __future__ import annotations
@@ -36,9 +38,16 @@ class ApiConfig:
 class AppConfig:
     def __init__(self):
         self.REMOTE_LOGGING = True
+        self.DEBUG = False
 
     def __repr__(self):
-        return f"AppConfig(REMOTE_LOGGING={self.REMOTE_LOGGING})"
+        return f"AppConfig(REMOTE_LOGGING={self.REMOTE_LOGGING}, DEBUG={self.DEBUG})"
+
+
+def debugging() -> bool:
+    """Whether tracebacks keep nnsight's internal frames (``CONFIG.APP.DEBUG`` or ``NNSIGHT_DEBUG=1``)."""
+    flag = os.environ.get("NNSIGHT_DEBUG", "").strip().lower()
+    return bool(CONFIG.APP.DEBUG) or flag in ("1", "true", "yes", "on")
 
 
 class Config:

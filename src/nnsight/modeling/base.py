@@ -6,6 +6,13 @@
         hidden = model[0].output.save()
         out = model.output.save()
 
+Options of ``NNsight(module, rename=None, envoys=None)``:
+    rename   aliases for module paths: ``{"transformer.h": "layers", "mlp": "ffn"}`` makes
+             ``model.layers[0].ffn`` the envoy of ``transformer.h[0].mlp`` (both spellings work,
+             in ``print(model)``, ``model.get(...)`` and cache lookups too)
+    envoys   the class of each envoy: an ``Envoy`` subclass, or a dict keyed by module class or
+             path name; a subclass's class attribute ``envoys`` is its default
+
 Options of ``model.trace(*inputs, **kwargs)``:
     inputs, kwargs   passed to the module's forward (several invokes are concatenated on dim 0)
 
@@ -19,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from ..tracing.envoy import Envoy
+from ..tracing.aliases import AliasTable
+from ..tracing.envoy import Envoy, TreeOptions
 from ..tracing.batching import concatenate
 from ..tracing.errors import NNsightError
 from ..tracing.editing import EditTracer
@@ -28,17 +36,36 @@ from ..tracing.session import Session
 from ..tracing.tracer import Tracer
 
 
+_DEFAULT = object()
+
+
 class NNsight(Envoy):
     """The root envoy of a traced model (see module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, **kwargs):
+    envoys = None  # a subclass's default for envoys=
+
+    def __init__(self, module: torch.nn.Module, rename: dict | None = None, envoys=_DEFAULT, **kwargs):
         if isinstance(module, Envoy):
             module = module._module
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"NNsight wraps a torch.nn.Module, not {type(module).__name__}")
+        if kwargs:
+            raise TypeError(f"NNsight() got unexpected keyword argument(s): {', '.join(sorted(kwargs))}")
         super().__init__(module, "model")
+        spec = type(self).envoys if envoys is _DEFAULT else envoys
+        aliases = None
+        if rename:
+            reserved = {n for klass in type(self).__mro__ for n in vars(klass) if not n.startswith("_")}
+            reserved |= {n for klass in Envoy.__mro__ for n in vars(klass) if not n.startswith("_")}
+            aliases = AliasTable(module, rename, reserved)
+        object.__setattr__(self, "_tree", TreeOptions(aliases, TreeOptions.check_envoys(spec)))
         object.__setattr__(self, "_order", None)
         object.__setattr__(self, "_edits", [])
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped module, under the name nnsight 0.8.1 (and libraries built on it) use."""
+        return self._module
 
     def trace(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> Tracer:
         """A context that runs the model once on ``inputs`` with the block's code alongside."""

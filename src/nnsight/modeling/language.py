@@ -13,11 +13,21 @@
 Options:
     model           a repo id / local folder, "smollm2-135m", or a built ``PreTrainedModel``
     tokenizer       a tokenizer to use (never modified); default: loaded beside the model
+                    and set to left padding (its pad token, if missing, is its eos token)
     automodel       the auto class used to load (default ``AutoModelForCausalLM``)
     dispatch        load the weights now (default: on the first trace; until then the
                     model lives on the meta device, so printing and scanning are instant)
-    padding_side    "left" (default) or "right": where invokes of different lengths are padded
-    **kwargs        passed to ``from_pretrained`` (device_map, dtype/torch_dtype, revision, ...)
+    padding_side    "left" or "right": where invokes of different lengths are padded, over
+                    the tokenizer's own ``padding_side`` (which decides when this is not given)
+    tokenizer_kwargs  passed to ``AutoTokenizer.from_pretrained`` (set as attributes on a
+                    tokenizer you pass in, as nnsight 0.8.1 does)
+    peft            a saved PEFT adapter folder to attach (loads the weights now); see
+                    ``nnsight.modeling.adapters`` for ``load_adapter`` and ``adapter=``
+    rename, envoys  module aliases and envoy classes (see ``NNsight``)
+    **kwargs        passed to ``from_pretrained`` (device_map, dtype/torch_dtype, revision,
+                    attn_implementation, trust_remote_code, ...); the ones that decide the
+                    module tree (trust_remote_code, attn_implementation, dtype, revision) also
+                    reach the config, the tokenizer and the meta build
 
 Padding never changes results: every batch gets an attention mask and position
 ids counted from each row's first real token.
@@ -34,9 +44,16 @@ from ..tracing.envoy import Envoy
 from ..tracing.errors import NNsightError
 from ..tracing.interleaver import current_mediator
 from ..tracing.tracer import Tracer
+from .adapters import AdapterMixin, with_adapter_option
+from ..util import WrapperModule
 from .base import NNsight
 
 _INPUT_KEYS = ("input_ids", "attention_mask")
+# Loading options that also reach the config and the tokenizer (they choose the code and files).
+_HUB_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
+# Options that decide which modules the meta build has (device_map and the like mean nothing on meta).
+_META_KWARGS = ("trust_remote_code", "attn_implementation", "torch_dtype", "dtype")
+_DEFAULT = object()
 
 
 class GenerateTracer(Tracer):
@@ -47,7 +64,7 @@ class GenerateTracer(Tracer):
         return interleaver.run(lambda: model._generate(args, kwargs, self._run_kwargs), steps_from=model)
 
 
-class LanguageModel(NNsight):
+class LanguageModel(AdapterMixin, NNsight):
     """A Hugging Face causal LM behind the nnsight API (see module docstring)."""
 
     def __init__(
@@ -56,14 +73,22 @@ class LanguageModel(NNsight):
         tokenizer=None,
         automodel=None,
         dispatch: bool = False,
-        padding_side: str = "left",
+        padding_side: str | None = None,
         remote: bool = False,
+        peft=None,
+        tokenizer_kwargs: dict | None = None,
+        rename: dict | None = None,
+        envoys=_DEFAULT,
         **kwargs,
     ):
         import transformers
 
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', not {padding_side!r}")
+        _check_side(padding_side)
+        if tokenizer_kwargs is not None and not isinstance(tokenizer_kwargs, Mapping):
+            raise TypeError(f"tokenizer_kwargs must be a dict, not {type(tokenizer_kwargs).__name__}")
+        tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
+        passed_tokenizer = tokenizer
         automodel = automodel or transformers.AutoModelForCausalLM
         if isinstance(automodel, str):
             automodel = getattr(transformers, automodel)
@@ -75,40 +100,66 @@ class LanguageModel(NNsight):
             config, served_tokenizer = fetch_model(model)
             with torch.device("meta"):
                 module = automodel.from_config(config)
-            tokenizer = tokenizer if tokenizer is not None else served_tokenizer
+            if tokenizer is None and served_tokenizer is not None:
+                tokenizer = _own_tokenizer(served_tokenizer, padding_side, tokenizer_kwargs)
             dispatch = False
         elif isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             source = _resolve(str(model))
             if tokenizer is None:
-                tokenizer = transformers.AutoTokenizer.from_pretrained(
-                    source, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
-                )
+                tokenizer = transformers.AutoTokenizer.from_pretrained(source, **{**hub, **tokenizer_kwargs})
+                tokenizer = _own_tokenizer(tokenizer, padding_side, tokenizer_kwargs)
             if dispatch:
                 module = automodel.from_pretrained(source, **kwargs)
             else:
-                config = transformers.AutoConfig.from_pretrained(
-                    source, **{k: v for k, v in kwargs.items() if k in ("revision", "trust_remote_code")}
-                )
+                config = transformers.AutoConfig.from_pretrained(source, **hub)
+                meta = {k: v for k, v in kwargs.items() if k in _META_KWARGS}
                 with torch.device("meta"):
-                    module = automodel.from_config(config)
+                    module = automodel.from_config(config, **meta)
         else:
             module = model
-        super().__init__(module)
+            # A model you built is used as it is; loading options mean nothing for it,
+            # except the attention implementation, which can still be switched.
+            attn = kwargs.get("attn_implementation")
+            if attn is not None and getattr(getattr(module, "config", None), "_attn_implementation", attn) != attn:
+                module.set_attn_implementation(attn)
+        if passed_tokenizer is not None:
+            for key, value in tokenizer_kwargs.items():  # a tokenizer you passed: set as asked
+                setattr(passed_tokenizer, key, value)
+        super().__init__(module, rename=rename, **({} if envoys is _DEFAULT else {"envoys": envoys}))
         module.eval()
         _warn_block_outputs(transformers.__version__)
         object.__setattr__(self, "tokenizer", tokenizer)
-        object.__setattr__(self, "_source", source)
+        object.__setattr__(self, "_weights", source)
         object.__setattr__(self, "_automodel", automodel)
         object.__setattr__(self, "_load_kwargs", kwargs)
         object.__setattr__(self, "_dispatched", (source is None and not remote) or dispatch)
         object.__setattr__(self, "_remote_name", str(model) if isinstance(model, (str, bytes)) else None)
-        object.__setattr__(self, "padding_side", padding_side)
-        object.__setattr__(self, "generator", GeneratorEnvoy())
+        object.__setattr__(self, "_padding_option", padding_side)
+        object.__setattr__(self, "generator", GeneratorEnvoy(_Generator(), "model.generator", self, self))
         object.__setattr__(self, "_takes_position_ids", None)
+        if peft is not None:
+            self.load_adapter(peft)
 
     @property
     def config(self):
         return self._module.config
+
+    @property
+    def dispatched(self) -> bool:
+        """Whether the real weights are loaded (False while the model lives on the meta device)."""
+        return self._dispatched
+
+    @property
+    def padding_side(self) -> str:
+        """Where invokes of different lengths are padded: the ``padding_side=`` option, else the tokenizer's."""
+        if self._padding_option is not None:
+            return self._padding_option
+        return getattr(self.tokenizer, "padding_side", None) or "left"
+
+    @padding_side.setter
+    def padding_side(self, side):
+        _check_side(side)
+        object.__setattr__(self, "_padding_option", side)
 
     # -- loading ---------------------------------------------------------------
 
@@ -116,12 +167,12 @@ class LanguageModel(NNsight):
         """Load the real weights now (normally done by the first trace or generate)."""
         if self._dispatched:
             return self
-        if self._source is None:
+        if self._weights is None:
             raise NNsightError(
                 "this LanguageModel was built from a server's config (remote=True) and has no local weights: "
                 "use remote=True on trace/generate/session"
             )
-        real = self._automodel.from_pretrained(self._source, **self._load_kwargs)
+        real = self._automodel.from_pretrained(self._weights, **self._load_kwargs)
         real.eval()
         _rebind(self, real)
         object.__setattr__(self, "_dispatched", True)
@@ -192,13 +243,21 @@ class LanguageModel(NNsight):
 
     def _batch(self, prepared, invokers):
         rows = [row for (row_list,), _ in prepared for row in row_list]
-        kwargs = prepared[0][1]
+        kwargs = _shared_kwargs([kw for _, kw in prepared])
         width = max(len(ids) for ids, _ in rows)
-        pad = self._pad_id()
+        pad = None
+        if any(len(ids) != width for ids, _ in rows):
+            pad = self._pad_id()
+            if pad is None:
+                raise NNsightError(
+                    "these inputs have different lengths and must be padded, but neither the tokenizer nor the "
+                    "model config names a pad or eos token: set model.tokenizer.pad_token (or pass equal-length inputs)"
+                )
+        side = self.padding_side
         all_ids, all_masks = [], []
         for ids, mask in rows:
             fill = width - len(ids)
-            if self.padding_side == "left":
+            if side == "left":
                 all_ids.append([pad] * fill + ids)
                 all_masks.append([0] * fill + mask)
             else:
@@ -222,7 +281,7 @@ class LanguageModel(NNsight):
                 candidate = candidate[0] if candidate else None
             if candidate is not None:
                 return int(candidate)
-        return 0
+        return None
 
     def _device(self):
         for param in self._module.parameters():
@@ -232,6 +291,7 @@ class LanguageModel(NNsight):
 
     # -- running -----------------------------------------------------------------
 
+    @with_adapter_option
     def _run(self, args, kwargs):
         if self._takes_position_ids is None:
             takes = "position_ids" in inspect.signature(self._module.forward).parameters
@@ -249,18 +309,53 @@ class LanguageModel(NNsight):
             kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         return args, kwargs
 
+    @with_adapter_option
     def _generate(self, args, kwargs, run_kwargs):
         run_kwargs = dict(run_kwargs)
+        # Each step's new tokens pass through model.generator.streamer (readable per step),
+        # then on to a streamer of the caller's own (TextIteratorStreamer, ...).
+        # (transformers refuses streamers with beam search; there the streamer never runs.)
+        beams = run_kwargs.get("num_beams", getattr(getattr(self._module, "generation_config", None), "num_beams", 1))
+        if (beams or 1) == 1:
+            run_kwargs["streamer"] = _StepStreamer(self.generator._module.streamer, run_kwargs.get("streamer"))
         if getattr(self.config, "pad_token_id", None) is None and "pad_token_id" not in run_kwargs:
-            run_kwargs["pad_token_id"] = self._pad_id()
+            pad = self._pad_id()
+            if pad is not None:  # otherwise generate's own rule (and warning) applies
+                run_kwargs["pad_token_id"] = pad
         return self._module.generate(*args, **kwargs, **run_kwargs)
 
 
-class GeneratorEnvoy:
-    """``model.generator.output``: the token ids ``generate`` returns (available after the last step)."""
+class _Generator(WrapperModule):
+    """Stands for ``generate`` itself: ``.streamer`` is called with each step's new tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.streamer = WrapperModule()
+
+
+class _StepStreamer:
+    """A Hugging Face streamer that hands tokens to ``model.generator.streamer``, then to ``user``."""
+
+    def __init__(self, module, user=None):
+        self.module = module
+        self.user = user
+
+    def put(self, value):
+        self.module(value)
+        if self.user is not None:
+            self.user.put(value)
+
+    def end(self):
+        if self.user is not None:
+            self.user.end()
+
+
+class GeneratorEnvoy(Envoy):
+    """``model.generator.output``: the token ids ``generate`` returns (available after the last step);
+    ``model.generator.streamer.output``: the tokens of the current step (inside ``tracer.iter``)."""
 
     @property
-    def output(self):
+    def output(self):  # not a module value: the result of the whole run
         mediator = current_mediator()
         if mediator is None:
             raise NNsightError("model.generator.output is only available inside `with model.generate(...)`")
@@ -282,6 +377,54 @@ def _warn_block_outputs(version: str):
             "states (as it did under 4.x and in nnsight's README). Use `.output` directly.",
             stacklevel=3,
         )
+
+
+def _check_side(side):
+    if side is not None and side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
+
+
+def _own_tokenizer(tokenizer, padding_side, tokenizer_kwargs):
+    """A tokenizer LanguageModel loaded itself: pads on the left unless told otherwise, and has a pad token."""
+    tokenizer.padding_side = padding_side or tokenizer_kwargs.get("padding_side") or "left"
+    if getattr(tokenizer, "pad_token", None) is None and getattr(tokenizer, "eos_token", None) is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _shared_kwargs(per_invoke):
+    """The keyword arguments every invoke passes; they apply to the whole batch, so they must agree."""
+    first = per_invoke[0]
+    for number, kwargs in enumerate(per_invoke[1:], start=2):
+        if kwargs.keys() != first.keys():
+            raise NNsightError(
+                f"invoke {number} passes keyword arguments {sorted(kwargs)} but invoke 1 passes {sorted(first)}: "
+                "a LanguageModel runs all invokes as one batch, so every invoke must pass the same ones"
+            )
+        for key, value in kwargs.items():
+            if not _same(value, first[key]):
+                raise NNsightError(
+                    f"invoke {number} passes {key}={_short(value)} but invoke 1 passes {key}={_short(first[key])}: "
+                    "a LanguageModel runs all invokes as one batch, so keyword arguments must agree "
+                    "(pass it once, to the trace)"
+                )
+    return first
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # objects whose == is not a truth value
+        return a is b
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor of shape {tuple(value.shape)}>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _split(kwargs):

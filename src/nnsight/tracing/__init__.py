@@ -6,6 +6,8 @@ interleaver  run invoke bodies in greenlets alongside the model; module hooks; e
 batching     each invoke's rows of a batched value, and putting edits back
 backward     gradients inside ``with loss.backward():``
 envoy        the mirror of the module tree (``model.transformer.h[0]``), asking the interleaver for values
+aliases      ``rename=``: extra names for module paths, computed once from the module tree
+eproperty    user-defined hookable values on envoy subclasses (the extension point)
 values       ``.output`` / ``.input`` / ``.inputs``, shared by module and operation envoys
 source       operation-level access (``module.source.<op>``)
 cache        ``tracer.cache()``

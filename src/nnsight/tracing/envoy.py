@@ -12,6 +12,12 @@ Options on every envoy:
     .next()                      the module's next call (modules called several times per forward)
     envoy(*args)                 run the module on other values, ad hoc, inside or outside a trace
     .path                        dotted path from the root, e.g. ``model.transformer.h.0``
+
+The root (``NNsight``) decides two things about the tree, once, when it is built:
+    rename   aliases for module paths (``tracing/aliases.py``): ``model.layers[0].ffn``
+    envoys   the class wrapping each module: an ``Envoy`` subclass for all, or a dict keyed
+             by module class (matched through the MRO, first) or by path string (its last
+             components, ``*`` for any one, aliases honoured); unmatched modules get ``Envoy``
 """
 
 from __future__ import annotations
@@ -23,6 +29,56 @@ from .interleaver import current_mediator
 from .values import ValueAccess
 
 
+def _labelled_repr(aliases, module, parts) -> str:
+    """``repr(module)`` as torch prints it, with each child labelled ``alias/name`` and
+    aliases that reach further down listed at the end, as nnsight 0.8.1 prints them."""
+    bound = aliases.aliases_of(parts)
+    labels = {}
+    extra = []
+    for alias, target in bound.items():
+        if target[:-1] == parts:
+            labels.setdefault(target[-1], []).append(alias)
+        else:
+            extra.append((alias, target))
+    entries = []
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        label = "/".join(labels.get(name, []) + [name])
+        entries.append([label, _labelled_repr(aliases, child, parts + (name,)), 1])
+    if isinstance(module, torch.nn.ModuleList):  # torch groups repeated blocks: (0-1): 2 x Block(...)
+        grouped = []
+        for label, text, _ in entries:
+            if grouped and grouped[-1][1] == text and label.isdigit() and grouped[-1][3].isdigit():
+                grouped[-1][2] += 1
+                grouped[-1][0] = f"{grouped[-1][3]}-{label}"
+            else:
+                grouped.append([label, text, 1, label])
+        entries = [[g[0], (f"{g[2]} x " + g[1]) if g[2] > 1 else g[1], 1] for g in grouped]
+    for alias, target in extra:
+        entries.append([alias, _labelled_repr(aliases, _module_at(module, target[len(parts):]), target), 1])
+    extra_lines = module.extra_repr().split("\n") if module.extra_repr() else []
+    lines = extra_lines + [f"({label}): " + _indent(text) for label, text, _ in entries]
+    main = module._get_name() + "("
+    if lines:
+        if len(extra_lines) == 1 and not entries:
+            main += extra_lines[0]
+        else:
+            main += "\n  " + "\n  ".join(lines) + "\n"
+    return main + ")"
+
+
+def _module_at(module, parts):
+    for part in parts:
+        module = module._modules[part]
+    return module
+
+
+def _indent(text: str) -> str:
+    first, *rest = text.split("\n")
+    return "\n".join([first] + ["  " + line for line in rest])
+
+
 def _display(path: str) -> str:
     """``model.transformer.h.0.attn`` -> ``model.transformer.h[0].attn``."""
     parts = path.split(".")
@@ -32,10 +88,56 @@ def _display(path: str) -> str:
     return out
 
 
+class TreeOptions:
+    """What the root decides for every envoy of its tree: aliases and envoy classes (see module docstring)."""
+
+    def __init__(self, aliases=None, envoys=None):
+        self.aliases = aliases  # an AliasTable, or None
+        self.envoys = envoys
+
+    @staticmethod
+    def check_envoys(envoys):
+        if envoys is None:
+            return None
+        if isinstance(envoys, type):
+            if not issubclass(envoys, Envoy):
+                raise TypeError(f"envoys= must be an Envoy subclass or a dict of them, not {envoys.__name__}")
+            return envoys
+        if not isinstance(envoys, dict):
+            raise TypeError(f"envoys= must be an Envoy subclass or a dict of them, not {type(envoys).__name__}")
+        for key, cls in envoys.items():
+            if not (isinstance(key, str) or (isinstance(key, type) and issubclass(key, torch.nn.Module))):
+                raise TypeError(f"envoys= keys are module classes or path names, not {key!r}")
+            if not (isinstance(cls, type) and issubclass(cls, Envoy)):
+                raise TypeError(f"envoys[{key!r}] must be an Envoy subclass, not {cls!r}")
+        return dict(envoys)
+
+    def envoy_class(self, module, parts) -> type:
+        envoys = self.envoys
+        if envoys is None:
+            return Envoy
+        if isinstance(envoys, type):
+            return envoys
+        for cls in type(module).__mro__:  # class keys win over names
+            if cls in envoys:
+                return envoys[cls]
+        spellings = self.aliases.spellings(parts) if self.aliases is not None else [parts]
+        for key, cls in envoys.items():
+            if isinstance(key, str):
+                wanted = tuple(p for p in key.split(".") if p)
+                for spelled in spellings:
+                    tail = spelled[len(spelled) - len(wanted) :] if len(spelled) >= len(wanted) else None
+                    if tail is not None and all(w in ("*", c) for w, c in zip(wanted, tail)):
+                        return cls
+        return Envoy
+
+
 class Envoy(ValueAccess):
     """Stands in for one ``torch.nn.Module`` of the traced model."""
 
     def __init__(self, module: torch.nn.Module, path: str = "model", root: "Envoy | None" = None, parent=None):
+        if root is None:
+            object.__setattr__(self, "_tree", TreeOptions())
         object.__setattr__(self, "_module", module)
         object.__setattr__(self, "_parent", parent)
         object.__setattr__(self, "_path", path)
@@ -46,12 +148,25 @@ class Envoy(ValueAccess):
 
     # -- tree --------------------------------------------------------------
 
+    def _parts(self) -> tuple:
+        """The real module path below the root, as components."""
+        return tuple(self._path.split(".")[1:])
+
     def _child(self, name: str) -> "Envoy":
         child = self._children.get(name)
-        if child is None or child._module is not self._module._modules[name]:
-            child = Envoy(self._module._modules[name], f"{self._path}.{name}", self._root, self)
+        module = self._module._modules[name]
+        if child is None or child._module is not module:
+            cls = self._root._tree.envoy_class(module, self._parts() + (name,))
+            child = cls(module, f"{self._path}.{name}", self._root, self)
             self._children[name] = child
         return child
+
+    def _at(self, parts) -> "Envoy":
+        """The envoy at a real path below this one."""
+        envoy = self
+        for part in parts:
+            envoy = envoy._child(part)
+        return envoy
 
     def __getattr__(self, name: str):
         if name.startswith("__"):
@@ -59,11 +174,18 @@ class Envoy(ValueAccess):
         module = self._module
         if name in module._modules and module._modules[name] is not None:
             return self._child(name)
+        aliases = self._root._tree.aliases
+        if aliases is not None:
+            target = aliases.target(self._parts(), name)
+            if target is not None:
+                return self._root._at(target)
         try:
             return getattr(module, name)
         except AttributeError:
             pass
         children = [n for n, m in module._modules.items() if m is not None]
+        if aliases is not None:
+            children += [f"{a} (alias)" for a in aliases.aliases_of(self._parts())]
         raise AttributeError(
             f"{self._display} ({type(module).__name__}) has no module or attribute {name!r}. "
             + (f"Its child modules are: {', '.join(children)}." if children else "It has no child modules.")
@@ -104,14 +226,25 @@ class Envoy(ValueAccess):
         return iter(self[:])
 
     def __contains__(self, name):
-        return name in self._module._modules
+        if name in self._module._modules:
+            return True
+        aliases = self._root._tree.aliases
+        return aliases is not None and aliases.target(self._parts(), name) is not None
 
     def get(self, path: str) -> "Envoy":
         """``model.get("transformer.h.0.mlp")`` — the envoy at a dotted path from here."""
-        envoy = self
         prefix = self._path + "."
         if path.startswith(prefix):
-            path = path[len(prefix) :]
+            # "model.layers.0" on a root whose child is called "model" (Llama) is a path below
+            # that child; otherwise the root's own name is just spelled out.
+            try:
+                return self._walk(path)
+            except (AttributeError, IndexError):
+                path = path[len(prefix) :]
+        return self._walk(path)
+
+    def _walk(self, path: str) -> "Envoy":
+        envoy = self
         for part in path.split(".") if path else []:
             if part in envoy._module._modules:
                 envoy = envoy._child(part)
@@ -146,10 +279,17 @@ class Envoy(ValueAccess):
         return self._path
 
     def __repr__(self):
-        return repr(self._module)
+        aliases = self._root._tree.aliases
+        if aliases is None:
+            return repr(self._module)
+        return _labelled_repr(aliases, self._module, self._parts())
 
     def __dir__(self):
-        return sorted(set(super().__dir__()) | set(self._module._modules) | set(dir(self._module)))
+        names = set(super().__dir__()) | set(self._module._modules) | set(dir(self._module))
+        aliases = self._root._tree.aliases
+        if aliases is not None:
+            names |= set(aliases.aliases_of(self._parts()))
+        return sorted(names)
 
     # -- values of the running model ----------------------------------------
 
@@ -191,12 +331,31 @@ class Envoy(ValueAccess):
         self._mediator("next()").next_call(self)
         return self
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args, hook: bool = False, **kwargs):
+        """Run the module on other values, ad hoc (``model.lm_head(hs)``).
+
+        hook   False (default): the call is invisible to the trace (it does not count as one
+               of the module's calls, nothing is served). True: the trace sees it like a call
+               of the model, so other invokes and persistent edits can read and edit the
+               values of this module and the modules under it (an SAE or adapter attached to
+               the tree that the forward itself never calls).
+        """
         mediator = current_mediator()
         if mediator is None:
             return self._module(*args, **kwargs)
-        # Running a module ad hoc must not count as one of its calls in the traced forward.
         interleaver = mediator.interleaver
+        if hook:
+            # While this body runs the module, it is the model side: the invokes the call
+            # serves hand control back here, not to the model's own loop.
+            import greenlet
+
+            previous = interleaver.main
+            interleaver.main = greenlet.getcurrent()
+            try:
+                return self._module(*args, **kwargs)
+            finally:
+                interleaver.main = previous
+        # Running a module ad hoc must not count as one of its calls in the traced forward.
         interleaver.bypass += 1
         try:
             return self._module(*args, **kwargs)

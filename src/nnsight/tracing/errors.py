@@ -34,8 +34,13 @@ def user_traceback(tb):
 
     When the error was raised by the block's code, the model frames between the
     trace and the block (the forward that was paused to run it) are dropped too:
-    what is left is the user's ``with`` line, then their own code.
+    what is left is the user's ``with`` line, then their own code. With the debug
+    switch on (``CONFIG.APP.DEBUG`` / ``NNSIGHT_DEBUG=1``) nothing is dropped.
     """
+    from ..config import debugging
+
+    if debugging():
+        return tb
     entries = []
     while tb is not None:
         entries.append(tb)

@@ -349,6 +349,10 @@ class ModuleHook:
 class Mediator:
     """One invoke: its body's greenlet, its rows of the batch and its place in the model."""
 
+    # The names scripts written for nnsight 0.8.1 catch these errors by.
+    OutOfOrderError = OutOfOrderError
+    MissedProviderError = MissedValueError
+
     def __init__(self, interleaver, body, rows, label):
         self.interleaver = interleaver
         self.body = body
@@ -364,6 +368,7 @@ class Mediator:
         self.done = False
         self.served = 0
         self.views = {}  # id(row view) -> (view, full tensor): gradients of an invoke's rows
+        self.writebacks = []  # [delivery, kind, make_value, key, view] for eproperty transforms, see write_back
 
     # -- worker side -------------------------------------------------------
 
@@ -376,8 +381,15 @@ class Mediator:
 
     def get(self, envoy, kind):
         """The value of ``envoy.<kind>`` for this invoke (see the module docstring for which call)."""
-        hook = self.interleaver.hook_for(envoy)
-        step, index = self._call_of(hook)
+        if self.writebacks:
+            self._flush_writebacks()
+        il = self.interleaver
+        hook = il.hook_for(envoy)
+        offset = self.offsets.get(hook, 0) if self.offsets else 0
+        if il.stepping:
+            step, index = self.step, offset
+        else:
+            step, index = 0, self.step + offset
         point = "output" if kind == "output" else "input"
         delivery = self.current
         if delivery is not None and delivery.hook is hook and delivery.index == index and delivery.step == step:
@@ -390,6 +402,8 @@ class Mediator:
 
     def set(self, envoy, kind, value=_MISSING, make_value=None):
         """Replace ``envoy.<kind>``; ``make_value`` is called once the model has reached that point."""
+        if self.writebacks:
+            self._flush_writebacks()
         hook = self.interleaver.hook_for(envoy)
         step, index = self._call_of(hook)
         point = "output" if kind == "output" else "input"
@@ -421,6 +435,31 @@ class Mediator:
         if not (delivery is not None and delivery.hook is hook):
             delivery = self._wait(hook, "grad", "grad", 0, 0)
         delivery.write("grad", make_value(), self)
+
+    def write_back(self, envoy, kind, make_value, key, view):
+        """Put ``make_value()`` into ``envoy.<kind>`` when the body next reads or writes a
+        value or hands control to the model.
+
+        For views an eproperty computed as a copy: the body's in-place edits of the copy
+        are in it by then. Until then ``pending_view(key)`` gives the same view back.
+        Where the model has already used that value there is nothing to write back into.
+        """
+        delivery = self.current
+        point = "output" if kind == "output" else "input"
+        if delivery is not None and delivery.hook is self.interleaver.hook_for(envoy) and delivery.point == point:
+            self.writebacks.append((delivery, kind, make_value, key, view))
+
+    def pending_view(self, key):
+        """The view a write-back for ``key`` holds at the current position, or None."""
+        for delivery, _, _, pending_key, view in self.writebacks:
+            if pending_key == key and delivery is self.current:
+                return view
+        return None
+
+    def _flush_writebacks(self):
+        pending, self.writebacks = self.writebacks, []
+        for delivery, kind, make_value, _, _ in pending:
+            delivery.write(kind, make_value(), self)
 
     def skip(self, envoy, value):
         hook = self.interleaver.hook_for(envoy)
@@ -484,6 +523,8 @@ class Mediator:
             worker.greenlet.switch(value)
         finally:
             current.mediator = previous
+        if self.writebacks:
+            self._flush_writebacks()
         if worker.outbox is not None:
             self._finished(worker)
         if self.interleaver.stopping:
@@ -574,8 +615,11 @@ class Interleaver:
             # the only modules that can be running when a later request comes are
             # ancestors of this one; hooking them now, before any of them starts, keeps
             # every later request for them servable.
-            if envoy._parent is not None:
-                self.hook_for(envoy._parent)
+            parent = envoy._parent
+            while parent is not None and _never_runs(parent._module):
+                parent = parent._parent  # a ModuleList / ModuleDict holds modules but is never called
+            if parent is not None:
+                self.hook_for(parent)
             hook = envoy._hook
             # None yet, in use by another trace, or made for a module the envoy no longer wraps
             # (a lazily loaded model replaces its meta modules with real ones).
@@ -778,6 +822,11 @@ class Interleaver:
         for mediator in self.mediators:
             mediator.kill()
         self.remove_hooks()
+
+
+def _never_runs(module) -> bool:
+    """A container without a forward of its own (calling it raises), so it is never running."""
+    return type(module).forward is torch.nn.Module.forward and "forward" not in module.__dict__
 
 
 def _runs_before(order, hook_a, hook_b) -> bool:

@@ -40,7 +40,9 @@ def _call_name(func) -> str:
         parts.append(node.id)
     elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super":
         parts.append("super")
-    else:
+    elif not (isinstance(node, ast.Call) and parts):
+        # A method of a call's result is named by the method alone, as nnsight 0.8.1 does:
+        # ``self.c_attn(x).split(...)`` -> ``split``; anything else is just a ``call``.
         parts.append("call")
     return "_".join(reversed(parts))
 

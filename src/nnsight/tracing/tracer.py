@@ -25,6 +25,8 @@ import sys
 import threading
 import warnings
 
+import torch
+
 from .capture import SkipBlock, bind, capture, read_scope
 from .errors import NNsightError, user_traceback
 from .interleaver import Interleaver, LoopEnd, ResultRequest, StepRequest, current_mediator
@@ -295,7 +297,7 @@ class BlockContext:
             mediator.set_grad(tensor, make_value)
 
     def _save(self, value, *args, **kwargs):
-        if args or kwargs or hasattr(type(value), "save"):
+        if type(value) is not torch.Tensor and (args or kwargs or hasattr(type(value), "save")):
             return value.save(*args, **kwargs)
         _mark_saved(value, self)
         return value
@@ -360,20 +362,17 @@ class Tracer(BlockContext):
             raise NNsightError("tracer.next() must be called inside the trace's code")
         mediator.goto_step(mediator.step + steps)
 
-    def cache(self, modules=None, include_inputs=False, include_output=True, detach=True):
+    def cache(self, modules=None, include_inputs=False, include_output=True, detach=True, device="cpu", dtype=None):
         """Record module values during this trace: ``cache['model.transformer.h.0'].output``.
 
-        modules: envoys or dotted paths to record (default: every module)
-        include_inputs: also record ``(args, kwargs)`` of each call
-        include_output: record outputs (default True)
-        detach: store detached tensors (no autograd graph kept alive)
+        Options (see tracing/cache.py): modules, include_inputs, include_output, detach, device, dtype.
         """
         from .cache import Cache
 
         mediator = current_mediator()
         if mediator is None:
             raise NNsightError("tracer.cache() must be called inside the trace's code")
-        cache = Cache(self.model, mediator, modules, include_inputs, include_output, detach)
+        cache = Cache(self.model, mediator, modules, include_inputs, include_output, detach, device, dtype)
         _mark_saved(cache)
         return cache
 
