@@ -160,8 +160,9 @@ def fetch_model(name: str):
 class RemoteJob:
     """A submitted job: ``status()``, ``wait()`` (the saved values), ``cancel()``."""
 
-    def __init__(self, job_id, filename="<remote>", log=True):
+    def __init__(self, job_id, filename="<remote>", log=True, model=None):
         self.id = job_id
+        self.model = model  # for tracer.cache() results, whose lookups follow the model's envoys
         self.filename = filename
         self.log = log
         self.stdout_seen = 0
@@ -244,6 +245,13 @@ class RemoteJob:
                 raise TimeoutError(f"job {self.id} did not finish in time")
             time.sleep(0.2)
 
+    def _cache_of(self, calls):
+        from ..tracing.cache import Cache
+
+        if self.model is None:
+            raise ValueError("a tracer.cache() result can only be decoded with its model (RemoteJob(model=...))")
+        return Cache.from_calls(self.model, calls)
+
     def result(self) -> dict:
         """The saved values (downloaded once; zstd-compressed when large, with a progress bar)."""
         if self._values is None:
@@ -255,7 +263,7 @@ class RemoteJob:
                 raw = compression.download(response, f"job {self.id[:8]}", show_progress=self.log and _config().APP.REMOTE_LOGGING)
             body = json.loads(raw)
             del raw
-            self._values = decode_values(body["values"], body.get("tensors"))
+            self._values = decode_values(body["values"], body.get("tensors"), cache=self._cache_of)
         return self._values
 
 
@@ -370,7 +378,7 @@ class RemoteBlock(BlockContext):
         http = _session()
         response = http.post(_url("/v1/jobs"), json=request, headers=_headers(), timeout=_config().API.TIMEOUT)
         status = _check(response, self._block.filename).json()
-        return RemoteJob(status["id"], self._block.filename)
+        return RemoteJob(status["id"], self._block.filename, model=self.model)
 
 
 class _Executing(threading.local):

@@ -43,7 +43,9 @@ class LocalJob:
         finally:
             forget(self.id)
         result = JobResult.model_validate(json.loads(json.dumps({"id": self.id, "values": tree, "tensors": blob})))
-        self._values = decode_values(result.values, result.tensors)
+        from ..tracing.cache import Cache
+
+        self._values = decode_values(result.values, result.tensors, cache=lambda calls: Cache.from_calls(model, calls))
 
     def wait(self, timeout=None) -> dict:
         return self._values

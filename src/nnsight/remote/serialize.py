@@ -16,7 +16,7 @@ Encoding of one value:
     a module envoy of the served model    {"$t": "envoy", "path": "model.transformer.h.0"}
     an allowed module (torch, math, ...)  {"$t": "module", "name": "torch"}
     a user function (source sent aside)   {"$t": "function", "name": "f"}
-    a tracer.cache() result               {"$t": "cache", "entries": [[path, [call, ...]], ...]}
+    a tracer.cache() result               {"$t": "cache", "entries": [[path, [[output, inputs], ...]], ...]}
     a function of an allowed module       {"$t": "module", "name": "torch.nn.functional:gelu"}
     an instance of a user class           {"$t": "object", "class": "Point", "state": {...its __dict__}}
     the user's own module                 {"$t": "namespace", "name": "helpers", "items": [[attr, value]], "missing": {attr: why}}
@@ -82,7 +82,11 @@ class Encoder:
                 items.append([self.encode(k, f"{where} key", depth + 1), self.encode(v, f"{where}[{k!r}]", depth + 1)])
             return {"$t": "dict", "items": items}
         if _is_cache(value):
-            entries = [[path, self.encode(entry.calls, f"{where}[{path!r}]", depth + 1)] for path, entry in value.items()]
+            entries = [
+                [path, [[self.encode(c.output, f"{where}[{path!r}].output", depth + 2),
+                         self.encode(c.inputs, f"{where}[{path!r}].inputs", depth + 2)] for c in view.calls]]
+                for path, view in value.items()
+            ]
             return {"$t": "cache", "entries": entries}
         fields = _model_output_fields(value)
         if fields is not None:
@@ -171,8 +175,9 @@ def load_tensors(blob: str | None, max_bytes: int | None = None) -> dict:
 
 
 class Decoder:
-    def __init__(self, tensors, envoy=None, module=None, function=None, instance=None):
+    def __init__(self, tensors, envoy=None, module=None, function=None, instance=None, cache=None):
         self.tensors = tensors
+        self.cache = cache  # {path: [(output, inputs)]} -> a Cache of the caller's model
         self.instance = instance  # (class name, state dict) -> object
         self.nodes = 0
         self.envoy = envoy
@@ -226,17 +231,17 @@ class Decoder:
             return _make_model_output(value.get("class"), fields)
         if tag == "cache":
             entries = value.get("entries")
-            if not isinstance(entries, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in entries):
+            if self.cache is None:
+                raise ValueError(f"{where}: a tracer.cache() result can only be decoded with its model")
+            if not isinstance(entries, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                        and isinstance(p[1], list) for p in entries):
                 raise ValueError(f"{where}: malformed cache")
             calls = {}
             for path, raw in entries:
-                decoded = self.decode(raw, where, depth + 1)
-                if not isinstance(decoded, list) or not all(isinstance(c, dict) for c in decoded):
+                if not all(isinstance(c, list) and len(c) == 2 for c in raw):
                     raise ValueError(f"{where}: malformed cache entry {path!r}")
-                calls[path] = decoded
-            from ..tracing.cache import Cache
-
-            return Cache.from_calls(calls)
+                calls[path] = [(self.decode(o, where, depth + 2), self.decode(i, where, depth + 2)) for o, i in raw]
+            return self.cache(calls)
         if tag == "float":
             v = value.get("v")
             if v not in ("nan", "inf", "-inf"):

@@ -164,13 +164,11 @@ class Cache:
             hook.observers = (hook.observers or ()) + (self._record,)
 
     @classmethod
-    def from_calls(cls, calls_by_path: dict) -> "Cache":
-        """A finished cache from ``{path: [{"output": ..., "inputs": ...}, ...]}`` (a remote job's cache)."""
+    def from_calls(cls, model, calls_by_path: dict) -> "Cache":
+        """A finished cache of ``model`` from ``{path: [(output, inputs), ...]}`` (a remote job's cache)."""
         cache = cls.__new__(cls)
-        cache._entries = {}
-        for path, calls in calls_by_path.items():
-            entry = cache._entries[path] = CacheEntry(path)
-            entry.calls = list(calls)
+        cache._model = model
+        cache._entries = {path: [Call(output, inputs) for output, inputs in calls] for path, calls in calls_by_path.items()}
         return cache
 
     def _record(self, hook, path, args, kwargs, output):
