@@ -13,30 +13,17 @@ transformers = pytest.importorskip("transformers")
 from nnsight import CONFIG, LanguageModel  # noqa: E402
 from nnsight.remote import SandboxError, UnsupportedValue  # noqa: E402
 from nnsight.remote.client import JobError  # noqa: E402
-from test_remote_support import create_key, make_tiny_gpt2, remote_config, start_server  # noqa: E402,F401
+from test_remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    root = tmp_path_factory.mktemp("remote")
-    folder = make_tiny_gpt2(root / "tiny")
-    data = root / "data"
-    key = create_key(data)
-    srv = start_server([f"tiny-gpt2={folder}"], data, "--job-timeout", "30")
-    try:
-        yield srv, key, folder
-    finally:
-        srv.stop()
+    yield from serve_tiny(tmp_path_factory, "remote")
 
 
 @pytest.fixture
 def models(served, remote_config):
-    srv, key, folder = served
-    remote_config.API.HOST = srv.url
-    remote_config.API.APIKEY = key
-    remote = LanguageModel("tiny-gpt2", remote=True)
-    local = LanguageModel(str(folder))
-    return remote, local
+    return connect(served, remote_config)
 
 
 def test_remote_model_is_built_on_meta_from_the_servers_config(models):
@@ -119,8 +106,7 @@ def test_gradients_match_local(models):
     outs = {}
     for model, flag in ((remote, True), (local, False)):
         with model.trace("Hello", remote=flag):
-            hs = model.transformer.h[-1].mlp.output  # a tensor under transformers 4 and 5
-            hs.requires_grad_(True)
+            hs = model.transformer.h[-1].mlp.output  # a tensor under transformers 4 and 5; no requires_grad needed
             logits = model.lm_head.output
             loss = logits.sum()
             with loss.backward():
@@ -131,11 +117,15 @@ def test_gradients_match_local(models):
 
 
 def test_print_streams_back(models, capsys):
-    remote, _ = models
-    with remote.trace("Hello", remote=True):
-        hs = remote.transformer.h[0].mlp.output
-        print("shape is", tuple(hs.shape))
-    assert "shape is (1, 1, 32)" in capsys.readouterr().out
+    remote, local = models
+    printed = []
+    for model, flag in ((local, False), (remote, True)):
+        with model.trace("Hello", remote=flag):
+            hs = model.transformer.h[0].mlp.output
+            print("shape is", tuple(hs.shape))
+        printed.append(capsys.readouterr().out)
+    assert "shape is (1, 1, 32)" in printed[0]  # the local oracle
+    assert printed[1] == printed[0]
 
 
 def test_errors_come_back_as_the_same_type_at_the_users_line(models):

@@ -102,12 +102,37 @@ def start_server(models, data_dir: Path, *extra, timeout=120) -> Server:
     raise RuntimeError("server did not become healthy:\n" + server.log_text())
 
 
+def serve_tiny(tmp_path_factory, label):
+    """A module-scoped server of a tiny GPT-2 (``yield from`` it in a fixture): ``(server, key, folder)``."""
+    root = tmp_path_factory.mktemp(label)
+    folder = make_tiny_gpt2(root / "tiny")
+    data = root / "data"
+    key = create_key(data)
+    srv = start_server([f"tiny-gpt2={folder}"], data, "--job-timeout", "30")
+    try:
+        yield srv, key, folder
+    finally:
+        srv.stop()
+
+
+def connect(served, config):
+    """Point ``config`` at ``served``; returns ``(remote model, local model of the same weights)``."""
+    from nnsight import LanguageModel
+
+    srv, key, folder = served
+    config.API.HOST = srv.url
+    config.API.APIKEY = key
+    return LanguageModel("tiny-gpt2", remote=True), LanguageModel(str(folder))
+
+
 @pytest.fixture
 def remote_config(monkeypatch, tmp_path):
     """Point nnsight.CONFIG at a test config dir; returns the CONFIG object."""
     monkeypatch.setenv("NNSIGHT_CONFIG_DIR", str(tmp_path / "config"))
     monkeypatch.delenv("NNSIGHT_HOST", raising=False)
     monkeypatch.delenv("NNSIGHT_API_KEY", raising=False)
+    monkeypatch.delenv("NDIF_HOST", raising=False)
+    monkeypatch.delenv("NDIF_API_KEY", raising=False)
     from nnsight import CONFIG
 
     CONFIG.load()

@@ -37,7 +37,7 @@ def test_result_matches_a_local_trace(model):
     assert torch.equal(out["logits"], logits)
 
 
-@pytest.mark.parametrize("source", ["x.__class__", "import os", "eval('1')", "class A:\n    pass", "__nnsight_rt__"])
+@pytest.mark.parametrize("source", ["x.__class__", "import os", "eval('1')", "class A:\n    def __get__(self, o, t):\n        pass", "_write_ = 1", "class A(metaclass=M):\n    pass", "__nnsight_rt__"])
 def test_static_check_refuses(source):
     with pytest.raises(SandboxError):
         check_source(source)
@@ -65,3 +65,34 @@ def test_linecache_and_engine_caches_are_released(model):
     run(model, "    out = model.lm_head.output.save()\n", job="released")
     assert not [k for k in linecache.cache if "released" in str(k)]
     assert not [name for name in capture.blocks.filenames() if "released" in name]
+
+
+def test_a_tensor_whose_storage_cannot_be_read_counts_as_the_weights():
+    import torch
+
+    from nnsight import NNsight
+    from nnsight.sandbox.guards import Guards
+
+    guards = Guards(NNsight(torch.nn.Linear(2, 2)))
+    sparse = torch.sparse_coo_tensor([[0]], [1.0], (2,))
+    with pytest.raises(NotImplementedError):
+        sparse.untyped_storage()  # the premise: no storage to compare
+    assert guards.is_shared(sparse)
+    with pytest.raises(SandboxError, match="read-only"):
+        guards.write(sparse)
+    assert not guards.is_shared(torch.zeros(2))
+    assert not guards.is_shared(torch.nn.Parameter(torch.zeros(2)))  # the user's own parameter
+
+
+def test_one_list_of_wire_errors_and_importable_modules():
+    from nnsight.remote import client
+    from nnsight.remote.wire import ERROR_TYPES, IMPORTABLE_MODULES, RemoteError, error_class
+    from nnsight.sandbox import policy, runner
+
+    assert policy.ALLOWED_IMPORTS == frozenset(IMPORTABLE_MODULES)
+    assert not hasattr(client, "_ERROR_TYPES") and not hasattr(runner, "ALLOWED_ERRORS")
+    for name in ERROR_TYPES:
+        assert error_class(name).__name__ == name
+    assert error_class("OSError") is RemoteError  # not on the list: never raised as itself
+    info = runner.describe_error(OSError("disk"), "job", "f.py")
+    assert info["type"] == "RemoteError" and "OSError: disk" in info["message"]

@@ -15,6 +15,7 @@ from .modeling.vision_language import VisionLanguageModel
 from .modeling.transformers import TransformersModel
 from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
+from .ndif import get_local_env, is_model_running, register, status
 
 __version__ = "0.1.0"
 
@@ -31,5 +32,9 @@ __all__ = [
     "OutOfOrderError",
     "MissedValueError",
     "NotInTraceError",
+    "register",
+    "status",
+    "is_model_running",
+    "get_local_env",
     "__version__",
 ]

@@ -4,7 +4,8 @@
     CONFIG.API.HOST = "http://127.0.0.1:8000"
     CONFIG.save()                             # keep HOST for later sessions too
 
-Precedence: environment (``NNSIGHT_HOST``, ``NNSIGHT_API_KEY``) over the config file
+Precedence: environment (``NNSIGHT_HOST``, ``NNSIGHT_API_KEY``; the public client's
+``NDIF_HOST``, ``NDIF_API_KEY`` when ours are unset) over the config file
 (``$NNSIGHT_CONFIG_DIR/config.json``, default ``~/.config/nnsight/config.json``) over defaults.
 ``CONFIG.APP.REMOTE_LOGGING`` (default True) prints job status lines to stderr.
 ``CONFIG.APP.DEBUG = True`` (or ``NNSIGHT_DEBUG=1`` in the environment) keeps the engine's
@@ -75,10 +76,15 @@ class Config:
         app = data.get("APP", {}) if isinstance(data, dict) else {}
         if isinstance(app.get("REMOTE_LOGGING"), bool):
             self.APP.REMOTE_LOGGING = app["REMOTE_LOGGING"]
-        if os.environ.get("NNSIGHT_HOST"):
-            self.API.HOST = os.environ["NNSIGHT_HOST"]
-        if os.environ.get("NNSIGHT_API_KEY"):
-            self.API.APIKEY = os.environ["NNSIGHT_API_KEY"]
+        # ours first, then the public client's names
+        for host in ("NNSIGHT_HOST", "NDIF_HOST"):
+            if os.environ.get(host):
+                self.API.HOST = os.environ[host]
+                break
+        for key in ("NNSIGHT_API_KEY", "NDIF_API_KEY"):
+            if os.environ.get(key):
+                self.API.APIKEY = os.environ[key]
+                break
         return self
 
     def save(self):

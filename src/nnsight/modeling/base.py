@@ -72,7 +72,7 @@ class NNsight(Envoy):
         if remote:
             from ..remote.client import remote_block
 
-            return remote_block(self, "trace", inputs, kwargs, blocking)
+            return remote_block(self, "trace", inputs, kwargs, blocking, remote)
         return Tracer(self, inputs, kwargs)
 
     def scan(self, *inputs, **kwargs) -> ScanTracer:
@@ -92,7 +92,7 @@ class NNsight(Envoy):
         if remote:
             from ..remote.client import remote_block
 
-            return remote_block(self, "session", (), {}, blocking)
+            return remote_block(self, "session", (), {}, blocking, remote)
         return Session(self)
 
     def _copy_for_edit(self):

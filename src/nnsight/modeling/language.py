@@ -197,7 +197,7 @@ class LanguageModel(AdapterMixin, NNsight):
         if remote:
             from ..remote.client import remote_block
 
-            return remote_block(self, kind, inputs, kwargs, blocking)
+            return remote_block(self, kind, inputs, kwargs, blocking, remote)
         if load:
             self.dispatch()
         input_kwargs, run_kwargs = _split(kwargs)

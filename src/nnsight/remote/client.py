@@ -19,6 +19,7 @@ import inspect
 import json
 import sys
 import textwrap
+import threading
 import time
 import types
 
@@ -26,45 +27,20 @@ from ..tracing.envoy import Envoy
 from ..sandbox.errors import SandboxError
 from ..tracing.tracer import BlockContext
 from .schema import PROTOCOL_VERSION, TERMINAL
-from .serialize import SENDABLE_MODULES, Encoder, UnsupportedValue, decode_values
-
-
-class RemoteError(Exception):
-    """An error on the server whose type is not one of the allowed builtin or nnsight types."""
+from .serialize import Encoder, UnsupportedValue, decode_values
+from . import compression
+from .byvalue import ByValue
+from .versions import check_response, version_headers
+from .wire import IMPORTABLE_MODULES, RemoteError, error_class
 
 
 class JobError(RemoteError):
     """The server could not take or run the job (authentication, limits, crash, cancel)."""
 
 
-_ERROR_TYPES = {
-    name: getattr(builtins, name)
-    for name in (
-        "ArithmeticError AssertionError AttributeError IndexError KeyError LookupError NameError NotImplementedError "
-        "OverflowError RuntimeError StopIteration TypeError ValueError ZeroDivisionError UnboundLocalError "
-        "RecursionError MemoryError SyntaxError ImportError ModuleNotFoundError IndentationError FloatingPointError "
-        "TimeoutError"
-    ).split()
-}
-
-
-def _error_class(name):
-    if name in _ERROR_TYPES:
-        return _ERROR_TYPES[name]
-    if name == "SandboxError":
-        return SandboxError
-    if name == "UnsupportedValue":
-        return UnsupportedValue
-    from ..tracing import errors
-
-    if name in ("NNsightError", "OutOfOrderError", "MissedValueError", "NotInTraceError"):
-        return getattr(errors, name)
-    return RemoteError
-
-
 def raise_remote(info: dict, filename=None):
     """Raise the exception a server reported, at the user's own line when it has one."""
-    cls = _error_class(info.get("type", ""))
+    cls = error_class(str(info.get("type", "")))
     message = str(info.get("message", ""))
     frames = info.get("traceback") or []
     if frames:
@@ -92,7 +68,7 @@ def _config():
 
 def _headers():
     key = _config().API.APIKEY
-    headers = {"Accept": "application/json"}
+    headers = {"Accept": "application/json", **version_headers()}
     if key:
         headers["X-API-Key"] = key
     return headers
@@ -106,6 +82,7 @@ def _url(path):
 
 
 def _check(response, filename=None):
+    check_response(response.headers, server_host())
     if response.status_code < 400:
         return response
     try:
@@ -122,6 +99,33 @@ def _session():
     import requests
 
     return requests
+
+
+def server_host() -> str:
+    return _url("")
+
+
+def unreachable_errors() -> tuple:
+    """What a request raises when no server answers at ``CONFIG.API.HOST``."""
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout)
+
+
+def fetch_status() -> tuple[dict, list]:
+    """``(GET /health, GET /v1/models)`` of the server."""
+    http = _session()
+    timeout = _config().API.TIMEOUT
+    health = _check(http.get(_url("/health"), headers=_headers(), timeout=timeout)).json()
+    models = _check(http.get(_url("/v1/models"), headers=_headers(), timeout=timeout)).json()
+    return health, models
+
+
+def _connection_errors() -> tuple:
+    """Failures of the connection itself (after which polling may still work), not errors the server reported."""
+    import requests
+
+    return (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
 def fetch_model(name: str):
@@ -156,8 +160,9 @@ def fetch_model(name: str):
 class RemoteJob:
     """A submitted job: ``status()``, ``wait()`` (the saved values), ``cancel()``."""
 
-    def __init__(self, job_id, filename="<remote>", log=True):
+    def __init__(self, job_id, filename="<remote>", log=True, model=None):
         self.id = job_id
+        self.model = model  # for tracer.cache() results, whose lookups follow the model's envoys
         self.filename = filename
         self.log = log
         self.stdout_seen = 0
@@ -193,9 +198,7 @@ class RemoteJob:
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             final = self._stream(deadline)
-        except (OSError, ValueError, ImportError) as error:  # connection trouble: poll instead
-            if isinstance(error, (SandboxError,)):
-                raise
+        except _connection_errors():  # the event stream broke (not an error the server reported): poll instead
             final = None
         if final is None:
             final = self._poll(deadline)
@@ -242,11 +245,25 @@ class RemoteJob:
                 raise TimeoutError(f"job {self.id} did not finish in time")
             time.sleep(0.2)
 
+    def _cache_of(self, calls):
+        from ..tracing.cache import Cache
+
+        if self.model is None:
+            raise ValueError("a tracer.cache() result can only be decoded with its model (RemoteJob(model=...))")
+        return Cache.from_calls(self.model, calls)
+
     def result(self) -> dict:
+        """The saved values (downloaded once; zstd-compressed when large, with a progress bar)."""
         if self._values is None:
             http = _session()
-            body = _check(http.get(_url(f"/v1/jobs/{self.id}/result"), headers=_headers(), timeout=_config().API.TIMEOUT)).json()
-            self._values = decode_values(body["values"], body.get("tensors"))
+            headers = {**_headers(), **compression.request_headers()}
+            with http.get(_url(f"/v1/jobs/{self.id}/result"), headers=headers, stream=True,
+                          timeout=_config().API.TIMEOUT) as response:
+                _check(response, self.filename)
+                raw = compression.download(response, f"job {self.id[:8]}", show_progress=self.log and _config().APP.REMOTE_LOGGING)
+            body = json.loads(raw)
+            del raw
+            self._values = decode_values(body["values"], body.get("tensors"), cache=self._cache_of)
         return self._values
 
 
@@ -260,9 +277,9 @@ class RemoteBlock(BlockContext):
     a job. After a non-blocking block (``blocking=False``), ``tracer.job`` is the ``RemoteJob``.
     """
 
-    def __init__(self, model, kind, inputs=(), kwargs=None, blocking=True):
+    def __init__(self, model, kind, inputs=(), kwargs=None, blocking=True, local=False):
         super().__init__()
-        name = getattr(model, "_remote_name", None)
+        name = getattr(model, "_remote_name", None) or ("local" if local else None)
         if not name:
             raise NotImplementedError(
                 "remote execution needs a model the server serves by name: LanguageModel('name') "
@@ -274,6 +291,7 @@ class RemoteBlock(BlockContext):
         self.inputs = inputs
         self.kwargs = kwargs or {}
         self.blocking = blocking
+        self.local = local
         self.job = None
 
     def _entered(self):
@@ -302,7 +320,6 @@ class RemoteBlock(BlockContext):
         node = block.node
         first = block.body_lineno
         body = block.body_source()
-        functions = {}
         root = self.model._root
 
         def envoy_path(value):
@@ -312,19 +329,8 @@ class RemoteBlock(BlockContext):
                 return value._path
             return None
 
-        def module_name(value):
-            if isinstance(value, types.ModuleType):
-                if value.__name__ in SENDABLE_MODULES:
-                    return value.__name__
-                raise UnsupportedValue(f"the module {value.__name__} is not available remotely (available: {', '.join(SENDABLE_MODULES)})")
-            return None
-
-        def function_name(value):
-            if isinstance(value, types.FunctionType):
-                return self._function(value, functions, encoder)
-            return None
-
-        encoder = Encoder(envoy_path=envoy_path, module_name=module_name, function_name=function_name)
+        by_value = ByValue()
+        encoder = by_value.encoder(envoy_path=envoy_path)
         inputs = [encoder.encode(v, f"input {i}") for i, v in enumerate(self.inputs)]
         kwargs = {k: encoder.encode(v, f"keyword argument {k!r}") for k, v in self.kwargs.items()}
         use = block.names
@@ -346,7 +352,7 @@ class RemoteBlock(BlockContext):
                 if name in use.assigned:
                     continue  # the block binds it before use; the caller's value is not needed
                 raise UnsupportedValue(f"cannot send variable {name!r} to the server: {error}") from None
-        for name, value in list(encoder.pending_globals.items()) if hasattr(encoder, "pending_globals") else []:
+        for name, value in by_value.globals.items():
             variables.setdefault(name, value)
         as_name = node.items[0].optional_vars
         return {
@@ -360,48 +366,49 @@ class RemoteBlock(BlockContext):
             "inputs": inputs,
             "kwargs": kwargs,
             "variables": variables,
-            "functions": list(functions.values()),
+            "functions": by_value.definitions(),
             "tensors": encoder.blob(),
         }
 
-    def _function(self, fn, functions, encoder):
-        name = fn.__name__
-        if name in functions:
-            return name
-        if name == "<lambda>":
-            raise UnsupportedValue("lambdas cannot be sent; define the function with `def`")
-        if fn.__code__.co_freevars:
-            raise UnsupportedValue(f"function {name!r} is a closure (uses {', '.join(fn.__code__.co_freevars)}); define it at module level")
-        try:
-            source = textwrap.dedent(inspect.getsource(fn))
-        except (OSError, TypeError):
-            raise UnsupportedValue(f"the source of function {name!r} cannot be found") from None
-        functions[name] = {"name": name, "source": source, "lineno": fn.__code__.co_firstlineno,
-                           "filename": fn.__code__.co_filename}
-        # globals the function reads travel as variables of the block
-        pending = getattr(encoder, "pending_globals", None)
-        if pending is None:
-            pending = encoder.pending_globals = {}
-        for ref in fn.__code__.co_names:
-            if ref in fn.__globals__ and ref not in pending:
-                value = fn.__globals__[ref]
-                try:
-                    pending[ref] = encoder.encode(value, f"global {ref!r} of function {name!r}")
-                except UnsupportedValue:
-                    continue  # attribute names also appear in co_names; a missing one fails remotely with NameError
-        return name
+    def _submit(self, request):
+        if self.local:
+            from .local import LocalJob
 
-    def _submit(self, request) -> RemoteJob:
+            return LocalJob(self.model, request)
         http = _session()
         response = http.post(_url("/v1/jobs"), json=request, headers=_headers(), timeout=_config().API.TIMEOUT)
         status = _check(response, self._block.filename).json()
-        return RemoteJob(status["id"], self._block.filename)
+        return RemoteJob(status["id"], self._block.filename, model=self.model)
 
 
-def remote_block(model, kind, inputs=(), kwargs=None, blocking=True) -> RemoteBlock:
-    if _IN_WORKER:
+class _Executing(threading.local):
+    """Whether remote code is running in this thread (set by the sandbox runner, see ``executing_remote_code``)."""
+
+    depth = 0
+
+
+_executing = _Executing()
+
+
+class executing_remote_code:
+    """``with executing_remote_code():`` marks this thread as running code sent for remote execution.
+
+    Inside it, ``remote=True`` is refused (the code already runs where the model is).
+    """
+
+    def __enter__(self):
+        _executing.depth += 1
+        return self
+
+    def __exit__(self, *exc):
+        _executing.depth -= 1
+        return False
+
+
+def remote_block(model, kind, inputs=(), kwargs=None, blocking=True, where=True) -> RemoteBlock:
+    """The block context of ``remote=True`` (a server) or ``remote="local"`` (the whole remote path, in-process)."""
+    if _executing.depth:
         raise SandboxError("remote=True inside remote code is not allowed")
-    return RemoteBlock(model, kind, inputs, kwargs, blocking)
-
-
-_IN_WORKER = False
+    if where not in (True, "local"):
+        raise ValueError(f"remote= takes True (the server in CONFIG.API.HOST) or \"local\", not {where!r}")
+    return RemoteBlock(model, kind, inputs, kwargs, blocking, local=where == "local")

@@ -16,7 +16,7 @@ PROTOCOL_VERSION = 1
 
 Status = Literal["received", "queued", "running", "completed", "error", "cancelled"]
 TERMINAL = ("completed", "error", "cancelled")
-_IDENT = r"^[A-Za-z][A-Za-z0-9_]{0,127}$"
+_IDENT = r"^[A-Za-z_][A-Za-z0-9_]{0,127}$"  # names that also end with "_" are refused by the sandbox
 
 
 class FunctionSource(BaseModel):
@@ -27,6 +27,9 @@ class FunctionSource(BaseModel):
     source: str = Field(max_length=100_000, description="the `def` statement, dedented")
     lineno: int = Field(ge=1, le=1_000_000, description="line of the `def` in the user's file")
     filename: str = Field(default="<remote>", max_length=500)
+    closure: dict[str, Any] = Field(default_factory=dict, description="encoded values of the variables it closes over")
+    defaults: Optional[Any] = Field(default=None, description="encoded list: the function's default values")
+    kwdefaults: Optional[Any] = Field(default=None, description="encoded dict: its keyword-only defaults")
 
 
 class JobRequest(BaseModel):

@@ -16,6 +16,10 @@ Encoding of one value:
     a module envoy of the served model    {"$t": "envoy", "path": "model.transformer.h.0"}
     an allowed module (torch, math, ...)  {"$t": "module", "name": "torch"}
     a user function (source sent aside)   {"$t": "function", "name": "f"}
+    a tracer.cache() result               {"$t": "cache", "entries": [[path, [[output, inputs], ...]], ...]}
+    a function of an allowed module       {"$t": "module", "name": "torch.nn.functional:gelu"}
+    an instance of a user class           {"$t": "object", "class": "Point", "state": {...its __dict__}}
+    the user's own module                 {"$t": "namespace", "name": "helpers", "items": [[attr, value]], "missing": {attr: why}}
 
 Anything else raises ``UnsupportedValue`` naming where it was found.
 """
@@ -24,12 +28,14 @@ from __future__ import annotations
 
 import base64
 import math
+import types
 
 import torch
 
+from ..sandbox.errors import SandboxError
+
 MAX_DEPTH = 32
 MAX_NODES = 200_000
-SENDABLE_MODULES = ("torch", "math", "einops", "nnsight", "torch.nn.functional", "torch.nn", "torch.linalg", "torch.fft", "torch.special")
 
 
 class UnsupportedValue(TypeError):
@@ -37,8 +43,9 @@ class UnsupportedValue(TypeError):
 
 
 class Encoder:
-    def __init__(self, envoy_path=None, module_name=None, function_name=None):
+    def __init__(self, envoy_path=None, module_name=None, function_name=None, object_state=None):
         self.tensors: dict[str, torch.Tensor] = {}
+        self.object_state = object_state  # value -> (class name, state dict) or None
         self._ids: dict[int, str] = {}
         self.nodes = 0
         self.envoy_path = envoy_path  # value -> path or None
@@ -74,6 +81,13 @@ class Encoder:
                     raise UnsupportedValue(f"{where}: dictionary keys must be str, int, float, bool or None, not {type(k).__name__}")
                 items.append([self.encode(k, f"{where} key", depth + 1), self.encode(v, f"{where}[{k!r}]", depth + 1)])
             return {"$t": "dict", "items": items}
+        if _is_cache(value):
+            entries = [
+                [path, [[self.encode(c.output, f"{where}[{path!r}].output", depth + 2),
+                         self.encode(c.inputs, f"{where}[{path!r}].inputs", depth + 2)] for c in view.calls]]
+                for path, view in value.items()
+            ]
+            return {"$t": "cache", "entries": entries}
         fields = _model_output_fields(value)
         if fields is not None:
             items = []
@@ -94,6 +108,22 @@ class Encoder:
                 found = finder(value)
                 if found is not None:
                     return {"$t": tag, key: found}
+        if self.object_state is not None and isinstance(value, types.ModuleType):
+            found = self.object_state(value)
+            if found is not None:
+                name, attrs, missing = found
+                items = []
+                for k, v in attrs.items():
+                    try:
+                        items.append([k, self.encode(v, f"{name}.{k}", depth + 1)])
+                    except UnsupportedValue as error:
+                        missing[k] = str(error)
+                return {"$t": "namespace", "name": name, "items": items, "missing": missing}
+        if self.object_state is not None:
+            found = self.object_state(value)
+            if found is not None:
+                cls, state = found
+                return {"$t": "object", "class": cls, "state": self.encode(state, f"{where}.__dict__", depth + 1)}
         raise UnsupportedValue(
             f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which cannot be sent to the server "
             "(tensors, numbers, strings, bools, None, lists/tuples/dicts of them, module envoys, "
@@ -145,8 +175,10 @@ def load_tensors(blob: str | None, max_bytes: int | None = None) -> dict:
 
 
 class Decoder:
-    def __init__(self, tensors, envoy=None, module=None, function=None):
+    def __init__(self, tensors, envoy=None, module=None, function=None, instance=None, cache=None):
         self.tensors = tensors
+        self.cache = cache  # {path: [(output, inputs)]} -> a Cache of the caller's model
+        self.instance = instance  # (class name, state dict) -> object
         self.nodes = 0
         self.envoy = envoy
         self.module = module
@@ -197,6 +229,19 @@ class Decoder:
                 raise ValueError(f"{where}: malformed model output")
             fields = {k: self.decode(v, where, depth + 1) for k, v in items}
             return _make_model_output(value.get("class"), fields)
+        if tag == "cache":
+            entries = value.get("entries")
+            if self.cache is None:
+                raise ValueError(f"{where}: a tracer.cache() result can only be decoded with its model")
+            if not isinstance(entries, list) or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+                                                        and isinstance(p[1], list) for p in entries):
+                raise ValueError(f"{where}: malformed cache")
+            calls = {}
+            for path, raw in entries:
+                if not all(isinstance(c, list) and len(c) == 2 for c in raw):
+                    raise ValueError(f"{where}: malformed cache entry {path!r}")
+                calls[path] = [(self.decode(o, where, depth + 2), self.decode(i, where, depth + 2)) for o, i in raw]
+            return self.cache(calls)
         if tag == "float":
             v = value.get("v")
             if v not in ("nan", "inf", "-inf"):
@@ -221,6 +266,25 @@ class Decoder:
                 return torch.device(str(value.get("v")))
             except Exception:
                 raise ValueError(f"{where}: malformed device") from None
+        if tag == "namespace":
+            items, missing, name = value.get("items"), value.get("missing") or {}, value.get("name")
+            if (not isinstance(name, str) or not isinstance(items, list) or not isinstance(missing, dict)
+                    or not all(isinstance(p, list) and len(p) == 2 and isinstance(p[0], str) for p in items)):
+                raise ValueError(f"{where}: malformed namespace")
+            attrs, missing = {}, {str(k): str(v)[:500] for k, v in missing.items()}
+            for k, v in items:
+                try:
+                    attrs[k] = self.decode(v, where, depth + 1)
+                except SandboxError as error:  # a member the receiver refuses fails when used, naming why
+                    missing[k] = str(error)
+            return Namespace(name, attrs, missing)
+        if tag == "object":
+            if self.instance is None:
+                raise ValueError(f"{where}: an object is not expected here")
+            cls, state = value.get("class"), self.decode(value.get("state"), where, depth + 1)
+            if not isinstance(cls, str) or not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+                raise ValueError(f"{where}: malformed object")
+            return self.instance(cls, state)
         for tag_name, resolver, key in (("envoy", self.envoy, "path"), ("module", self.module, "name"), ("function", self.function, "name")):
             if tag == tag_name:
                 if resolver is None:
@@ -230,6 +294,39 @@ class Decoder:
                     raise ValueError(f"{where}: malformed {tag}")
                 return resolver(ref)
         raise ValueError(f"{where}: unknown value tag {tag!r}")
+
+
+class Namespace:
+    """The user's own module, sent by value: its functions, classes and constants, read-only."""
+
+    def __init__(self, name, attrs, missing):
+        object.__setattr__(self, "_name", name)
+        object.__setattr__(self, "_attrs", attrs)
+        object.__setattr__(self, "_missing", missing)
+
+    def get(self, attr):
+        if attr in self._attrs:
+            return self._attrs[attr]
+        if attr in self._missing:
+            raise AttributeError(f"{self._name}.{attr} was not sent: {self._missing[attr]}")
+        raise AttributeError(f"module {self._name!r} has no attribute {attr!r}")
+
+    def __getattr__(self, attr):
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return self.get(attr)
+
+    def __setattr__(self, attr, value):
+        raise TypeError(f"the module {self._name} sent by value is read-only")
+
+    def __repr__(self):
+        return f"<module {self._name!r} (sent by value)>"
+
+
+def _is_cache(value):
+    from ..tracing.cache import Cache
+
+    return type(value) is Cache
 
 
 def _model_output_fields(value):

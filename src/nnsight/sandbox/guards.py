@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import builtins
 import inspect
+import weakref
 import math
 import operator
 
 import torch
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
+from ..remote.serialize import Namespace
 from ..tracing.envoy import Envoy
+from ..tracing.source import CalledSourceAccessor, OperationEnvoy, SourceAccessor
+from ..tracing.values import ValueAccess
 from .errors import SandboxError
-from .policy import ALLOWED_IMPORTS
+from .policy import ALLOWED_IMPORTS, is_reserved
 
 # -- torch surface ------------------------------------------------------------
 
@@ -47,7 +51,12 @@ _SUBMODULES = {
     "torch": {"nn": "torch.nn", "linalg": "torch.linalg", "fft": "torch.fft", "special": "torch.special", "autograd": "torch.autograd"},
     "torch.nn": {"functional": "torch.nn.functional"},
 }
-_ONLY = {"torch.nn": {"functional"}, "torch.autograd": {"grad"}}
+# torch.nn classes remote code may use and subclass (its own modules: an SAE, a probe)
+_NN_CLASSES = frozenset(
+    {"Module", "Linear", "Parameter", "ReLU", "GELU", "SiLU", "Tanh", "Sigmoid", "Softmax", "Sequential",
+     "ModuleList", "ModuleDict", "ParameterList", "LayerNorm", "Embedding", "Dropout", "Identity"}
+)
+_ONLY = {"torch.nn": {"functional"} | _NN_CLASSES, "torch.autograd": {"grad"}}
 
 _TENSOR_DENY = frozenset(
     {
@@ -106,6 +115,24 @@ class ModuleProxy:
         return f"<module {self._proxy_name!r} (remote sandbox)>"
 
 
+class EnvoyWriter:
+    """What ``_write_(envoy)`` returns: only ``.output``, ``.input`` and ``.inputs`` can be set through it."""
+
+    __slots__ = ("_envoy",)
+
+    def __init__(self, envoy):
+        object.__setattr__(self, "_envoy", envoy)
+
+    def __setattr__(self, name, value):
+        if name not in ("output", "input", "inputs"):
+            _deny(f"setting attributes of {self._envoy._display} is not allowed in remote code "
+                  "(assign to .output, .input or .inputs to change values)")
+        setattr(self._envoy, name, value)
+
+    def __delattr__(self, name):
+        _deny(f"deleting attributes of {self._envoy._display} is not allowed in remote code")
+
+
 class ConfigView:
     """A copy of the model's config for reading (``model.config.num_hidden_layers``)."""
 
@@ -137,7 +164,8 @@ class TokenizerView:
 
 _ENVOY_API = frozenset(
     {"output", "input", "inputs", "skip", "next", "path", "modules", "named_modules", "children",
-     "named_children", "get", "trace", "generate", "scan", "generator", "config", "tokenizer", "padding_side"}
+     "named_children", "get", "trace", "generate", "scan", "generator", "config", "tokenizer", "padding_side",
+     "source"}
 )
 _TRACER_API = frozenset({"invoke", "stop", "barrier", "iter", "all", "next", "cache", "result"})
 _PLAIN = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
@@ -175,6 +203,7 @@ class Guards:
         self._tracer_types = (Tracer,)
         self._opaque_types = (Invoker, StepLoop, Barrier)
         self._cache_types = (Cache, CacheView, CacheEntry)
+        self._source_types = (SourceAccessor, CalledSourceAccessor)
         try:
             from transformers.utils import ModelOutput
         except ImportError:  # pragma: no cover
@@ -185,23 +214,56 @@ class Guards:
         for tensor in list(module.parameters()) + list(module.buffers()):
             self.shared.add(self._storage(tensor))
         self.shared.discard(None)
+        self.model_modules = frozenset(id(m) for m in module.modules())
+        self.user_classes = weakref.WeakSet()  # classes remote code defined (see make_class)
         self._proxies = {}
+
+    # -- classes written in remote code -------------------------------------------
+
+    def make_class(self, name, bases, namespace, **keywords):
+        """The metaclass hook of remote ``class`` statements: only allowed bases; the class is recorded."""
+        if keywords:
+            _deny(f"class {name}: keyword arguments are not allowed")
+        for base in bases:
+            if not (base in self.user_classes or base in _BASE_CLASSES):
+                _deny(f"class {name}: {getattr(base, '__name__', base)!r} cannot be a base class in remote code "
+                      f"(allowed: classes defined in remote code, {', '.join(sorted(c.__name__ for c in _BASE_CLASSES))})")
+        meta = type
+        for base in bases:
+            if issubclass(type(base), meta):
+                meta = type(base)
+        if meta is not type:
+            _deny(f"class {name}: metaclass {meta.__name__} is not allowed")
+        namespace = dict(namespace)
+        # dataclasses resolves string annotations in sys.modules[cls.__module__]; remote code has no module
+        namespace["__module__"] = "builtins"
+        cls = type(name, bases, namespace)
+        self.user_classes.add(cls)
+        return cls
+
+    def is_user(self, obj) -> bool:
+        """``obj`` is a class remote code defined, or an instance of one."""
+        return (isinstance(obj, type) and obj in self.user_classes) or type(obj) in self.user_classes
+
+    def is_own_module(self, obj) -> bool:
+        """A torch module remote code created (not a module of the served model)."""
+        return isinstance(obj, torch.nn.Module) and id(obj) not in self.model_modules
 
     # -- tensors ----------------------------------------------------------------
 
     @staticmethod
     def _storage(tensor):
-        try:
-            if tensor.is_meta:
-                return None
-            return (tensor.device.type, tensor.untyped_storage().data_ptr())
-        except Exception:
+        """``(device type, storage address)``; None for meta tensors (no storage); raises if unreadable."""
+        if tensor.is_meta:
             return None
+        return (tensor.device.type, tensor.untyped_storage().data_ptr())
 
     def is_shared(self, tensor) -> bool:
-        if isinstance(tensor, torch.nn.Parameter):
+        """Whether ``tensor`` may share memory with the model's weights (True when that cannot be told)."""
+        try:
+            key = self._storage(tensor)
+        except (RuntimeError, NotImplementedError, TypeError):  # e.g. a tensor subclass without storage
             return True
-        key = self._storage(tensor)
         return key is not None and key in self.shared
 
     # -- modules ------------------------------------------------------------------
@@ -234,6 +296,10 @@ class Guards:
             if attr == "save":
                 return module.save
             _deny(f"nnsight.{attr} is not available in remote code (only nnsight.save)")
+        if name in _PURE_HELPERS:
+            if attr in _PURE_HELPERS[name]:
+                return getattr(module, attr)
+            _deny(f"{name}.{attr} is not available in remote code (allowed: {', '.join(sorted(_PURE_HELPERS[name]))})")
         if name == "einops":
             if attr in ("rearrange", "reduce", "repeat", "einsum", "pack", "unpack"):
                 return getattr(module, attr)
@@ -264,7 +330,7 @@ class Guards:
         if inspect.ismodule(value):
             _deny(f"{name}.{attr} is not available in remote code")
         if isinstance(value, type):
-            if attr in _TORCH_CLASSES:
+            if attr in _TORCH_CLASSES or (name == "torch.nn" and attr in _NN_CLASSES):
                 return value
             _deny(f"the class {name}.{attr} is not available in remote code")
         if callable(value):
@@ -305,10 +371,23 @@ class Guards:
     # -- the guards RestrictedPython calls ----------------------------------------
 
     def getattr(self, obj, name, *default):
-        if not isinstance(name, str) or name.startswith("_"):
-            _deny(f"attribute {name!r} is not allowed: names starting with '_' are private in remote code")
+        if not isinstance(name, str):
+            _deny(f"attribute {name!r} is not allowed")
+        if isinstance(obj, super) and name in ("__init__", "__post_init__"):
+            return getattr(obj, name)
+        if is_reserved(name):
+            _deny(f"attribute {name!r} is not allowed: dunder and reserved attributes are private in remote code")
+        if self.is_user(obj) or (isinstance(obj, super) and not name.startswith("_")):
+            return getattr(obj, name)
+        if name.startswith("_"):
+            _deny(f"attribute {name!r} is not allowed: names starting with '_' are private in remote code "
+                  "(except on objects of classes defined in remote code)")
+        if self.is_own_module(obj):
+            return getattr(obj, name)
         if isinstance(obj, ModuleProxy):
             return getattr(obj, name)
+        if isinstance(obj, Namespace):
+            return obj.get(name)
         if isinstance(obj, torch.Tensor):
             if name in _TENSOR_DENY or "resize" in name or "sparse" in name or "storage" in name:
                 _deny(f"tensor.{name} is not available in remote code")
@@ -317,6 +396,12 @@ class Guards:
             return getattr(obj, name)
         if isinstance(obj, Envoy):
             return self._envoy_attr(obj, name)
+        if isinstance(obj, self._source_types):
+            return getattr(obj, name)  # an operation by name (names starting with '_' were refused above)
+        if isinstance(obj, OperationEnvoy):
+            if name in ("output", "input", "inputs", "source", "skip", "next"):
+                return getattr(obj, name)
+            _deny(f"{obj._display}.{name} is not available in remote code")
         if isinstance(obj, self._tracer_types):
             if name in _TRACER_API:
                 return getattr(obj, name)
@@ -412,19 +497,20 @@ class Guards:
             return obj
         if type(obj) in (list, dict, bytearray) or isinstance(obj, ConfigView):
             return obj
-        if isinstance(obj, Envoy):
-            _deny(f"setting attributes of {obj._display} is not allowed in remote code "
-                  "(assign to .output, .input or .inputs to change values)")
+        if self.is_user(obj) or self.is_own_module(obj):
+            return obj
+        if isinstance(obj, ValueAccess):
+            return EnvoyWriter(obj)
         _deny(f"changing a {type(obj).__name__} object is not allowed in remote code")
 
     def check_assign(self, target):
-        if isinstance(target, Envoy):
+        if isinstance(target, ValueAccess):
             return target
         _deny(f"only a module's .output, .input or .inputs can be assigned (not on a {type(target).__name__})")
 
     def apply(self, fn, *args, **kwargs):
         for key in kwargs:
-            if not isinstance(key, str) or key.startswith("_") or key == "out":
+            if not isinstance(key, str) or is_reserved(key) or key == "out":
                 _deny(f"keyword argument {key!r} is not allowed in remote code")
         return fn(*args, **kwargs)
 
@@ -463,7 +549,8 @@ class Guards:
             "hash hex int isinstance issubclass iter len list map max min next oct ord pow range repr "
             "reversed round set slice sorted str sum tuple zip ArithmeticError AssertionError AttributeError "
             "Exception IndexError KeyError LookupError NameError NotImplementedError OverflowError RuntimeError "
-            "StopIteration TypeError ValueError ZeroDivisionError UnboundLocalError"
+            "StopIteration TypeError ValueError ZeroDivisionError UnboundLocalError super property staticmethod "
+            "classmethod"
         ).split()
         safe = {name: getattr(builtins, name) for name in names}
         safe.update(
@@ -471,6 +558,8 @@ class Guards:
                 "print": print_fn,
                 "hasattr": self.hasattr,
                 "__import__": self.import_,
+                # class statements: RestrictedPython gives each one metaclass=__metaclass__ (make_class)
+                "__build_class__": builtins.__build_class__,
                 "None": None,
                 "True": True,
                 "False": False,
@@ -495,7 +584,21 @@ class Guards:
             "__nnsight_check_assign__": self.check_assign,
             "__nnsight_locals__": builtins.locals,
             "__nnsight_compile__": restricted_compile,
+            "__metaclass__": self.make_class,
+            "__nnsight_inplacevar__": self.inplacevar,
         }
+
+
+# Standard-library helpers that only build functions and classes out of what they are given.
+_PURE_HELPERS = {
+    "functools": frozenset({"partial", "reduce", "wraps", "cmp_to_key"}),
+    "dataclasses": frozenset({"dataclass", "field", "fields", "asdict", "astuple", "replace", "is_dataclass"}),
+}
+
+_BASE_CLASSES = frozenset(
+    [getattr(torch.nn, n) for n in _NN_CLASSES if n != "Parameter"]
+    + [Exception, ValueError, TypeError, RuntimeError, KeyError, IndexError, dict, list, tuple]
+)
 
 
 def make_print(sink, limit):

@@ -22,6 +22,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from ..remote.versions import version_middleware
 from .auth import RateLimiter
 from .hub import JobHub
 from .metrics import Metrics
@@ -110,4 +111,5 @@ def create_app(settings: Settings, start_workers: bool = True) -> FastAPI:
     app.include_router(models_router.router)
     app.include_router(service_router.router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.middleware("http")(version_middleware)  # protocol and library versions on every request
     return app

@@ -163,6 +163,14 @@ class Cache:
             hook = interleaver.hook_for(envoy)
             hook.observers = (hook.observers or ()) + (self._record,)
 
+    @classmethod
+    def from_calls(cls, model, calls_by_path: dict) -> "Cache":
+        """A finished cache of ``model`` from ``{path: [(output, inputs), ...]}`` (a remote job's cache)."""
+        cache = cls.__new__(cls)
+        cache._model = model
+        cache._entries = {path: [Call(output, inputs) for output, inputs in calls] for path, calls in calls_by_path.items()}
+        return cache
+
     def _record(self, hook, path, args, kwargs, output):
         mediator = self._mediator
         il = mediator.interleaver

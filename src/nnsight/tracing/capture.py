@@ -212,7 +212,15 @@ class _NameUse(ast.NodeVisitor):
         self.loaded |= inner.loaded  # closures read the block's names
 
     visit_AsyncFunctionDef = visit_FunctionDef
-    visit_ClassDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node):
+        self.assigned.add(node.name)
+        for expr in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+            self.visit(expr)
+        inner = _NameUse()
+        for stmt in node.body:
+            inner.visit(stmt)
+        self.loaded |= inner.loaded - inner.assigned  # a class body's own names stay in the class
 
     def visit_Lambda(self, node):
         inner = _NameUse()
@@ -839,11 +847,12 @@ class CapturedBlock:
 
     def body_source(self) -> str:
         """The body's lines as written (``body_lineno`` is the first one's number)."""
-        return "".join(self._lines[self.node.body[0].lineno - 1 : self.node.end_lineno])
+        return "".join(self._lines[self.body_lineno - 1 : self.node.end_lineno])
 
     @property
     def body_lineno(self) -> int:
-        return self.node.body[0].lineno
+        first = self.node.body[0]  # a decorated def/class starts at its first decorator
+        return min([first.lineno] + [d.lineno for d in getattr(first, "decorator_list", ())])
 
     @property
     def names(self) -> "_NameUse":

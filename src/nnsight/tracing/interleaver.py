@@ -59,11 +59,15 @@ def current_mediator():
 
 
 class _Worker:
-    """A greenlet that runs invoke bodies one after another.
+    """A greenlet that runs one invoke body, then ends.
 
-    Creating and finishing a greenlet costs ~10 µs here (a fresh frame stack per
-    greenlet); switching into a parked one costs well under 1 µs. So workers are
-    kept in a per-thread pool and reused across traces.
+    Workers are never reused across traces. A greenlet's C stack sits on top of
+    the main stack as it was when the greenlet first ran; a parked greenlet
+    resumed later, from another call chain, finds different frames there. Code
+    that walks the whole C stack from inside the greenlet then follows stale
+    return addresses: every PyTorch C++ error does (``c10::Error`` records a
+    backtrace with ``_Unwind_Backtrace``), and that crashed a server worker with
+    SIGSEGV on a user's shape error after a few jobs. A fresh greenlet costs ~10 µs.
     """
 
     __slots__ = ("greenlet", "outbox")
@@ -72,16 +76,15 @@ class _Worker:
         self.greenlet = greenlet.greenlet(self._loop)
         self.outbox = None
 
-    def _loop(self, job):
-        while True:
-            try:
-                job.body()
-                self.outbox = _FINISHED
-            except BaseException as error:  # handed to the model side, which re-raises it
-                self.outbox = _Failure(error)
-            main = job.interleaver.main
-            job = None
-            job = main.switch()
+    def _loop(self, job):  # (the name errors.py recognises as the start of an invoke's frames)
+        try:
+            job.body()
+            self.outbox = _FINISHED
+        except BaseException as error:  # handed to the model side, which re-raises it
+            self.outbox = _Failure(error)
+        main = job.interleaver.main
+        job = None
+        main.switch()
 
 
 class _Failure:
@@ -92,22 +95,14 @@ class _Failure:
 
 
 _FINISHED = object()
-_pool = threading.local()
 
 
 def _acquire_worker() -> _Worker:
-    idle = getattr(_pool, "idle", None)
-    if idle:
-        return idle.pop()
     return _Worker()
 
 
 def _release_worker(worker: _Worker):
-    idle = getattr(_pool, "idle", None)
-    if idle is None:
-        idle = _pool.idle = []
-    if len(idle) < 4:  # a few parked greenlets, never running user code
-        idle.append(worker)
+    """The body has finished; its greenlet is dropped with the worker (see ``_Worker``)."""
 
 
 class Request:

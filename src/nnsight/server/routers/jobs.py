@@ -17,9 +17,10 @@ import secrets
 import time
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ...remote.compression import compress_body
 from ...remote.schema import TERMINAL, ApiError, JobRequest, JobResult, JobStatus
 from ...remote.serialize import tensor_bytes
 from ...sandbox.errors import SandboxError
@@ -145,14 +146,17 @@ async def job_events(job_id: str, key_id: str = Depends(api_key), state: ServerS
 
 
 @router.get("/{job_id}/result", response_model=JobResult, responses={**ERRORS, 409: {"model": ApiError}})
-def job_result(job_id: str, key_id: str = Depends(api_key), state: ServerState = Depends(server_state)):
+def job_result(
+    job_id: str, http_request: Request, key_id: str = Depends(api_key), state: ServerState = Depends(server_state)
+):
     job = own_job(state, job_id, key_id)
     if job["status"] != "completed" or not job["result_path"]:
         raise HTTPException(409, f"the job is {job['status']}; results exist once it has completed")
     path = Path(job["result_path"])
     if path.parent != state.hub.results_dir or not path.is_file():
         raise HTTPException(404, "the result is no longer stored")
-    return Response(path.read_bytes(), media_type="application/json")
+    body, extra = compress_body(path.read_bytes(), http_request.headers.get("accept-encoding"))  # zstd when large
+    return Response(body, media_type="application/json", headers=extra)
 
 
 @router.delete("/{job_id}", response_model=JobStatus, responses=ERRORS)
