@@ -338,3 +338,20 @@ def test_identical_code_in_two_files_keeps_each_files_name(seq):
         finally:
             del linecache.cache[name]
     assert seen == ["<cell-a>", "<cell-b>"]
+
+
+def test_block_starting_with_try(seq):
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    with model.trace(x) as tracer:
+        try:
+            out = model.output.save()
+        except Exception:
+            raise
+    assert torch.equal(out, seq(x)) and tracer is not None
+    with pytest.raises(SyntaxError, match="cannot start with a `try`"):
+        with model.trace(x):
+            try:
+                out = model.output.save()
+            finally:
+                pass

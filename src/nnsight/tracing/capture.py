@@ -46,8 +46,11 @@ UNBOUND = "__nnsight_unbound__"
 COMPILE_HOOK = "__nnsight_compile__"  # a global of the block's scope: compile_fn(module_ast, filename) -> code
 
 
-class SkipBlock(Exception):
-    """Raised at the first line of a captured ``with`` body so Python skips it."""
+class SkipBlock(BaseException):
+    """Raised at the first line of a captured ``with`` body so Python skips it.
+
+    A BaseException, so that a body starting with ``try: ... except Exception:`` does not catch it.
+    """
 
 
 class SourceUnavailableError(RuntimeError):
@@ -68,18 +71,21 @@ class BodySkipper:
     (a debugger, coverage) is put back by ``restore`` from the tracer's ``__exit__``.
     """
 
-    __slots__ = ("frame", "previous_global", "previous_local", "armed")
+    __slots__ = ("frame", "previous_global", "previous_local", "armed", "pass_line")
 
-    def __init__(self, frame):
+    def __init__(self, frame, pass_line=None):
         self.frame = frame
         self.previous_global = sys.gettrace()
         self.previous_local = frame.f_trace
         self.armed = True
+        # A body that starts with `try:`: CPython 3.11 runs that line's instruction outside the
+        # `with` statement's exception handler, so the skip happens at the next line instead.
+        self.pass_line = pass_line
         frame.f_trace = self._on_event
         sys.settrace(_no_trace)
 
     def _on_event(self, frame, event, arg):
-        if event == "line" and self.armed:
+        if event == "line" and self.armed and frame.f_lineno != self.pass_line:
             self.armed = False
             frame.f_trace = self.previous_local
             raise SkipBlock()
@@ -160,6 +166,23 @@ def _find_with(index: dict[int, ast.With], lineno: int, filename: str) -> ast.Wi
             "lines; nnsight cannot skip a body written on the same line as `with`."
         )
     return best
+
+
+def _check_first_statement(node: ast.With, filename: str):
+    """A body starting with ``try:`` is skipped inside that ``try`` (see BodySkipper): its
+    ``finally`` would run, and a bare ``except:`` would catch the skip."""
+    first = node.body[0]
+    if not isinstance(first, ast.Try):
+        return
+    catches_all = any(
+        h.type is None or (isinstance(h.type, ast.Name) and h.type.id == "BaseException") for h in first.handlers
+    )
+    if first.finalbody or catches_all:
+        raise SyntaxError(
+            f"{filename}:{first.lineno}: a `with model.trace(...)` block cannot start with a `try` that has "
+            "`finally:` or a bare `except:`; put any other statement before it (nnsight runs the block's "
+            "body itself, and Python would run that `finally` while skipping it)"
+        )
 
 
 def _call_attr(node) -> str | None:
@@ -862,7 +885,10 @@ class CapturedBlock:
 
     def skip(self, frame) -> "BodySkipper | None":
         """Make Python skip the body ``frame`` is about to run; ``restore()`` the result in ``__exit__``."""
-        return None if self.trivial else BodySkipper(frame)
+        if self.trivial:
+            return None
+        first = self.node.body[0]
+        return BodySkipper(frame, first.lineno if isinstance(first, ast.Try) else None)
 
     def skipped(self, exc_type) -> bool:
         """Whether ``__exit__`` was reached by skipping the body (so the block is ours to run)."""
@@ -911,6 +937,7 @@ class SourceCache:
         filename = code.co_filename
         lines, index = self._file(filename, frame)
         node = _find_with(index, frame.f_lineno, filename)
+        _check_first_statement(node, filename)
         module_level = frame.f_locals is frame.f_globals
         caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
         # A scope may supply its own compiler (the remote server's sandbox does).
