@@ -363,7 +363,7 @@ def served_tiny_gpt2(tmp_path_factory, name, flags=(), keys=1, models=("tiny",),
     Yields the server with ``.keys`` (``keys`` API keys) and ``.key`` (the first); stops it after.
     For module-scoped fixtures: ``yield from served_tiny_gpt2(tmp_path_factory, "ray", ["--ray"])``.
     """
-    from test_remote_support import create_key, make_tiny_gpt2, start_server
+    from remote_support import create_key, make_tiny_gpt2, start_server
 
     root = tmp_path_factory.mktemp(name)
     specs = [f"{model}={make_tiny_gpt2(root / model)}" for model in models]

@@ -80,8 +80,8 @@ def test_model_identical_after_errors(gpt2):
     ids = torch.tensor([[1, 2, 3, 4]])
     model = NNsight(gpt2)
     before = gpt2(ids).logits
-    for bad in range(3):
-        with pytest.raises(Exception):
+    for bad, expected in enumerate((ValueError, OutOfOrderError, RuntimeError)):
+        with pytest.raises(expected):
             with model.trace(ids):
                 model.transformer.h[1].output[0][:] = 0
                 if bad == 0:

@@ -14,7 +14,7 @@ requests = pytest.importorskip("requests")
 pytest.importorskip("fastapi")
 pytest.importorskip("RestrictedPython")
 
-from test_remote_support import create_key, make_tiny_gpt2, start_server  # noqa: E402
+from remote_support import create_key, make_tiny_gpt2, start_server  # noqa: E402
 
 MODEL = {"$t": "envoy", "path": "model"}
 TORCH = {"$t": "module", "name": "torch"}
@@ -272,7 +272,7 @@ def test_forged_key(server):
 def test_revoked_key(server):
     import subprocess
 
-    from test_remote_support import NNSIGHT, env_for
+    from remote_support import NNSIGHT, env_for
 
     assert post(server, request(PROBE), key="revoked").status_code == 202
     listing = subprocess.run(NNSIGHT + ["serve", "keys", "list", "--data-dir", str(server.data_dir)],

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 from nnsight import CONFIG, LanguageModel  # noqa: E402
 from nnsight.remote import SandboxError, UnsupportedValue  # noqa: E402
 from nnsight.remote.client import JobError  # noqa: E402
-from test_remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
+from remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

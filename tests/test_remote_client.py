@@ -18,7 +18,7 @@ from nnsight import LanguageModel  # noqa: E402
 from nnsight.remote import compression  # noqa: E402
 from nnsight.remote.schema import PROTOCOL_VERSION  # noqa: E402
 from nnsight.remote.wire import VersionMismatch  # noqa: E402
-from test_remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
+from remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 import remote_corpus  # noqa: E402
 from nnsight import LanguageModel  # noqa: E402
 from test_remote_corpus import same  # noqa: E402
-from test_remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
+from remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from nnsight.sandbox.errors import SandboxError  # noqa: E402
 from nnsight.server.app import create_app  # noqa: E402
 from nnsight.server.settings import Settings  # noqa: E402
 from nnsight.server.store import KeyStore  # noqa: E402
-from test_remote_support import free_port  # noqa: E402
+from remote_support import free_port  # noqa: E402
 
 REQUEST = {"model": "m", "kind": "trace", "source": "    x = 1\n", "body_lineno": 2, "inputs": ["hi"]}
 

@@ -14,7 +14,6 @@ def test_value_from_first_trace_used_in_second(seq):
         with model.trace(b):
             model[0].output[:] = hs1
             out2 = model.output.save()
-        plain = hs1 * 2
     assert torch.allclose(out2, seq(a))
     assert torch.equal(hs1, seq[0](a))
 

@@ -188,7 +188,6 @@ def test_trace_inside_loop_reuses_call_site(seq):
 
 
 def test_import_changes_nothing_global():
-    import builtins
     import subprocess
     import sys
 
@@ -200,7 +199,6 @@ def test_import_changes_nothing_global():
         "assert before == after, [a ^ b if isinstance(a, set) else (a, b) for a, b in zip(before, after)]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-    assert builtins is not None
 
 
 def test_trace_restores_tracing_function(seq):
@@ -355,3 +353,12 @@ def test_block_starting_with_try(seq):
                 out = model.output.save()
             finally:
                 pass
+
+
+def test_legacy_scan_and_validate_options_warn_and_change_nothing(seq):
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    with pytest.warns(FutureWarning, match="scan=, validate="):
+        with model.trace(x, scan=True, validate=True):
+            out = model.output.save()
+    assert torch.equal(out, seq(x))

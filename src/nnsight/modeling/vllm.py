@@ -219,8 +219,15 @@ class VLLM(NNsight):
 
         params = [_sampling_params(SamplingParams, defaults, sampling) for _, sampling in requests]
         llm = self._llm
-        render = getattr(llm, "_preprocess_cmpl", None)  # how LLM.generate tokenizes; raw prompts otherwise
-        prompts = render([prompt for prompt, _ in requests]) if render is not None else [p for p, _ in requests]
+        # How LLM.generate itself renders prompts (a private method of the pinned vLLM): without
+        # it, prompts would reach the engine untokenized, so a vLLM that lacks it is refused.
+        render = getattr(llm, "_preprocess_cmpl", None)
+        if render is None:
+            raise NNsightError(
+                f"this vLLM ({_vllm_version()}) has no LLM._preprocess_cmpl, which nnsight uses to prepare "
+                "prompts as LLM.generate does; use the vLLM version in constraints-vllm.txt"
+            )
+        prompts = render([prompt for prompt, _ in requests])
         engine = llm.llm_engine
         if engine.has_unfinished_requests():
             raise NNsightError(
@@ -571,3 +578,9 @@ def _sampling_params(cls, defaults, own):
 VLLMTracer._interleaver_class = VLLMInterleaver
 
 __all__ = ["VLLM", "VLLMTracer", "VLLMInterleaver"]
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return f"vllm {getattr(vllm, '__version__', '?')}"

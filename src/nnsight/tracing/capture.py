@@ -71,21 +71,22 @@ class BodySkipper:
     (a debugger, coverage) is put back by ``restore`` from the tracer's ``__exit__``.
     """
 
-    __slots__ = ("frame", "previous_global", "previous_local", "armed", "pass_line")
+    __slots__ = ("frame", "previous_global", "previous_local", "armed")
 
-    def __init__(self, frame, pass_line=None):
+    def __init__(self, frame):
         self.frame = frame
         self.previous_global = sys.gettrace()
         self.previous_local = frame.f_trace
         self.armed = True
-        # A body that starts with `try:`: CPython 3.11 runs that line's instruction outside the
-        # `with` statement's exception handler, so the skip happens at the next line instead.
-        self.pass_line = pass_line
         frame.f_trace = self._on_event
         sys.settrace(_no_trace)
 
     def _on_event(self, frame, event, arg):
-        if event == "line" and self.armed and frame.f_lineno != self.pass_line:
+        # Only where an exception handler covers the instruction: CPython 3.11 runs the line
+        # of a body's leading `try:` outside the `with` statement's handler, so there the
+        # skip waits for the next line (inside the `try`, whose `except Exception` cannot
+        # catch a BaseException, so it reaches the `with`).
+        if event == "line" and self.armed and _handled_at(frame.f_code, frame.f_lasti):
             self.armed = False
             frame.f_trace = self.previous_local
             raise SkipBlock()
@@ -99,6 +100,39 @@ class BodySkipper:
 
 def _no_trace(frame, event, arg):
     return None
+
+
+def _handled_at(code, offset: int) -> bool:
+    """Whether an exception raised at byte ``offset`` of ``code`` reaches a handler there.
+
+    Reads the code object's exception table (CPython 3.11+: entries of varint start,
+    length, target and depth, in code units).
+    """
+    table = getattr(code, "co_exceptiontable", None)
+    if table is None:  # before 3.11 there is no table, and every body line is inside the with block
+        return True
+    unit = offset // 2
+    position = 0
+
+    def varint():
+        nonlocal position
+        byte = table[position]
+        position += 1
+        value = byte & 63
+        while byte & 64:
+            byte = table[position]
+            position += 1
+            value = (value << 6) | (byte & 63)
+        return value
+
+    while position < len(table):
+        start = varint()
+        length = varint()
+        varint()  # target
+        varint()  # depth and lasti
+        if start <= unit < start + length:
+            return True
+    return False
 
 
 # ---------------------------------------------------------------------------
@@ -885,10 +919,7 @@ class CapturedBlock:
 
     def skip(self, frame) -> "BodySkipper | None":
         """Make Python skip the body ``frame`` is about to run; ``restore()`` the result in ``__exit__``."""
-        if self.trivial:
-            return None
-        first = self.node.body[0]
-        return BodySkipper(frame, first.lineno if isinstance(first, ast.Try) else None)
+        return None if self.trivial else BodySkipper(frame)
 
     def skipped(self, exc_type) -> bool:
         """Whether ``__exit__`` was reached by skipping the body (so the block is ours to run)."""

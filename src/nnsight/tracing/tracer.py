@@ -308,15 +308,15 @@ class Tracer(BlockContext):
 
     _interleaver_class = Interleaver  # a backend with its own batching (vLLM) brings its own
 
-    # Options of older nnsight versions that asked for extra shape checks; accepted and ignored.
+    # Options of older nnsight versions that asked for extra shape checks; they have no effect here.
     _LEGACY_OPTIONS = ("scan", "validate")
 
     def __init__(self, model, args, kwargs, run_kwargs=None):
         super().__init__()
         self.model = model
         self._args = args
-        self._kwargs = {k: v for k, v in kwargs.items() if k not in self._LEGACY_OPTIONS}
-        self._run_kwargs = {k: v for k, v in (run_kwargs or {}).items() if k not in self._LEGACY_OPTIONS}
+        self._kwargs = _without_legacy(kwargs)
+        self._run_kwargs = _without_legacy(run_kwargs or {})
         self._invokers: list[Invoker] = []
         self.interleaver = None
         self._result = None
@@ -423,6 +423,20 @@ class Tracer(BlockContext):
         if self._run_kwargs:
             kwargs = {**kwargs, **self._run_kwargs}
         return interleaver.run(lambda: self.model._run(args, kwargs))
+
+
+def _without_legacy(kwargs: dict) -> dict:
+    """``kwargs`` less ``scan=``/``validate=``, with a warning (once per call site) that they do nothing."""
+    legacy = [k for k in Tracer._LEGACY_OPTIONS if k in kwargs]
+    if not legacy:
+        return kwargs
+    warnings.warn(
+        f"trace option(s) {', '.join(f'{k}=' for k in legacy)} of older nnsight versions have no effect here: "
+        "use `with model.scan(...):` for a shapes-only run (errors already name the module and shapes)",
+        FutureWarning,
+        stacklevel=4,
+    )
+    return {k: v for k, v in kwargs.items() if k not in Tracer._LEGACY_OPTIONS}
 
 
 class Barrier:

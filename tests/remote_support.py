@@ -1,6 +1,6 @@
 """Shared helpers for the remote tests: a tiny GPT-2 folder and a real `nnsight serve` subprocess.
 
-(Named test_*.py so it stays within the remote tests' files; it defines no tests itself.)
+(A support module: it defines no tests itself.)
 """
 
 from __future__ import annotations
