@@ -362,3 +362,18 @@ def test_legacy_scan_and_validate_options_warn_and_change_nothing(seq):
         with model.trace(x, scan=True, validate=True):
             out = model.output.save()
     assert torch.equal(out, seq(x))
+
+
+def test_saved_values_die_when_the_user_drops_them(seq):
+    import gc
+    import weakref
+
+    model = NNsight(seq)
+    refs = []
+    for _ in range(20):
+        with model.trace(torch.rand(1, 5)):
+            hidden = model[0].output.save()
+        refs.append(weakref.ref(hidden))
+        del hidden
+    gc.collect()
+    assert sum(ref() is not None for ref in refs) == 0

@@ -1033,8 +1033,11 @@ def bind(frame, values: dict):
             for name, value in values.items():
                 frame.f_locals[name] = value
         else:
-            frame.f_locals.update(values)
+            snapshot = frame.f_locals  # the frame keeps this dict: it must not keep the values too
+            snapshot.update(values)
             _locals_to_fast(frame, 0)
+            for name in values:
+                snapshot.pop(name, None)
     else:
         frame.f_locals.update(values)
 

@@ -82,9 +82,10 @@ class _Worker:
             self.outbox = _FINISHED
         except BaseException as error:  # handed to the model side, which re-raises it
             self.outbox = _Failure(error)
-        main = job.interleaver.main
-        job = None
-        main.switch()
+        # Returning ends this greenlet and resumes its parent, the model side. A greenlet left
+        # suspended instead would never be collected, nor anything its frames hold (the
+        # invoke's saved values: measured as 1,050 tensors kept alive over 1,050 traces).
+        greenlet.getcurrent().parent = job.interleaver.main
 
 
 class _Failure:
