@@ -948,8 +948,11 @@ class SourceCache:
     def __init__(self, max_files: int = 64, max_blocks: int = 4096):
         from collections import OrderedDict
 
+        import threading
+
         self.max_files = max_files
         self.max_blocks = max_blocks
+        self._lock = threading.Lock()  # traces in several threads share the cache
         self._files: OrderedDict = OrderedDict()  # (filename, text hash) -> (lines, with index)
         self._blocks: OrderedDict = OrderedDict()  # (code object, line) -> CapturedBlock
 
@@ -958,6 +961,10 @@ class SourceCache:
 
     def capture(self, frame) -> CapturedBlock:
         """The block of the ``with`` statement ``frame`` is executing."""
+        with self._lock:
+            return self._capture(frame)
+
+    def _capture(self, frame) -> CapturedBlock:
         code = frame.f_code
         # Code objects compare by value, not by file: two files with the same code must not share a block.
         key = (code, code.co_filename, frame.f_lineno)
@@ -1000,6 +1007,10 @@ class SourceCache:
 
     def forget(self, filename_prefix: str):
         """Drop every file and block whose file name starts with ``filename_prefix``."""
+        with self._lock:
+            self._forget(filename_prefix)
+
+    def _forget(self, filename_prefix: str):
         for key in [k for k in self._files if k[0].startswith(filename_prefix)]:
             del self._files[key]
         for key in [k for k in self._blocks if k[1].startswith(filename_prefix)]:

@@ -166,13 +166,20 @@ class _InfoCache:
     def __init__(self, limit=512):
         from collections import OrderedDict
 
+        import threading
+
         self.limit = limit
         self._infos = OrderedDict()
+        self._lock = threading.RLock()  # rewriting a forward may need another's info
 
     def __len__(self):
         return len(self._infos)
 
     def get(self, target) -> SourceInfo:
+        with self._lock:
+            return self._get(target)
+
+    def _get(self, target) -> SourceInfo:
         key = target.__func__ if isinstance(target, types.MethodType) else target
         info = self._infos.get(key)
         if info is None:
