@@ -11,6 +11,7 @@ eproperty    user-defined hookable values on envoy subclasses (the extension poi
 values       ``.output`` / ``.input`` / ``.inputs``, shared by module and operation envoys
 source       operation-level access (``module.source.<op>``)
 cache        ``tracer.cache()``
+lru          the bounded map the caches above use
 scan, editing, session   ``model.scan()``, ``model.edit()``, ``model.session()``
 errors       the exceptions, and tracebacks that start at the user's code
 """

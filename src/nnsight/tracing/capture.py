@@ -37,6 +37,8 @@ import linecache
 import sys
 from dataclasses import dataclass
 
+from .lru import LRU
+
 RT = "__nnsight_rt__"
 SAVE = "__nnsight_save__"
 ASSIGN = "__nnsight_assign__"
@@ -946,15 +948,13 @@ class SourceCache:
     """
 
     def __init__(self, max_files: int = 64, max_blocks: int = 4096):
-        from collections import OrderedDict
-
         import threading
 
         self.max_files = max_files
         self.max_blocks = max_blocks
         self._lock = threading.Lock()  # traces in several threads share the cache
-        self._files: OrderedDict = OrderedDict()  # (filename, text hash) -> (lines, with index)
-        self._blocks: OrderedDict = OrderedDict()  # (code object, line) -> CapturedBlock
+        self._files = LRU(max_files)  # (filename, text hash) -> (lines, with index)
+        self._blocks = LRU(max_blocks)  # (code object, filename, line) -> CapturedBlock
 
     def __len__(self):
         return len(self._blocks)
@@ -970,7 +970,6 @@ class SourceCache:
         key = (code, code.co_filename, frame.f_lineno)
         block = self._blocks.get(key)
         if block is not None:
-            self._blocks.move_to_end(key)
             return block
         filename = code.co_filename
         lines, index = self._file(filename, frame)
@@ -983,23 +982,16 @@ class SourceCache:
             filename, node, lines, caller_locals, module_level, frame.f_globals.get(COMPILE_HOOK),
             code.co_flags & _FUTURE_FLAGS,
         )
-        self._blocks[key] = block
-        if len(self._blocks) > self.max_blocks:
-            self._blocks.popitem(last=False)
-        return block
+        return self._blocks.put(key, block)
 
     def _file(self, filename, frame):
         lines = _source_lines(filename, frame)
         key = (filename, hash(tuple(lines)))
         known = self._files.get(key)
         if known is not None:
-            self._files.move_to_end(key)
             return known
         tree = ast.parse("".join(lines), filename)
-        known = self._files[key] = (lines, _with_index(tree))
-        if len(self._files) > self.max_files:
-            self._files.popitem(last=False)
-        return known
+        return self._files.put(key, (lines, _with_index(tree)))
 
     def filenames(self) -> set[str]:
         """The files that hold a captured block now."""
@@ -1011,10 +1003,8 @@ class SourceCache:
             self._forget(filename_prefix)
 
     def _forget(self, filename_prefix: str):
-        for key in [k for k in self._files if k[0].startswith(filename_prefix)]:
-            del self._files[key]
-        for key in [k for k in self._blocks if k[1].startswith(filename_prefix)]:
-            del self._blocks[key]
+        self._files.drop(lambda key: key[0].startswith(filename_prefix))
+        self._blocks.drop(lambda key: key[1].startswith(filename_prefix))
 
 
 blocks = SourceCache()  # the process's cache of captured call sites

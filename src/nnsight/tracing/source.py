@@ -25,6 +25,7 @@ import torch
 
 from .values import ValueAccess
 from .errors import NNsightError
+from .lru import LRU
 from .interleaver import ModuleHook, active_hook, current_mediator
 
 OP = "__nnsight_call__"
@@ -164,12 +165,10 @@ class _InfoCache:
     """
 
     def __init__(self, limit=512):
-        from collections import OrderedDict
-
         import threading
 
         self.limit = limit
-        self._infos = OrderedDict()
+        self._infos = LRU(limit)
         self._lock = threading.RLock()  # rewriting a forward may need another's info
 
     def __len__(self):
@@ -183,11 +182,7 @@ class _InfoCache:
         key = target.__func__ if isinstance(target, types.MethodType) else target
         info = self._infos.get(key)
         if info is None:
-            info = self._infos[key] = SourceInfo(target)
-            if len(self._infos) > self.limit:
-                self._infos.popitem(last=False)
-        else:
-            self._infos.move_to_end(key)
+            info = self._infos.put(key, SourceInfo(target))
         return info
 
 
