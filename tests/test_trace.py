@@ -249,19 +249,24 @@ def test_traces_in_two_threads():
     torch.manual_seed(0)
     models = [NNsight(torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))) for _ in range(2)]
     x = torch.rand(1, 3)
-    results = {}
+    results, errors = {}, []
 
     def run(i):
-        for _ in range(100):
-            with models[i].trace(x):
-                out = models[i][1].output.save()
-        results[i] = out
+        try:
+            for _ in range(100):
+                with models[i].trace(x):
+                    out = models[i][1].output.save()
+            results[i] = out
+        except BaseException as error:  # reported by the assertion below, with its traceback
+            errors.append(error)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     assert all(torch.equal(results[i], models[i]._module(x)) for i in range(2))
 
 
