@@ -39,6 +39,21 @@ class Recurrent(torch.nn.Module):
         return x
 
 
+def _with_call_zeroed(net, module, call, x):
+    """The hand-patched oracle: ``net(x)`` with call number ``call`` of ``module`` returning zeros."""
+    calls = []
+
+    def zero(module, inputs, output):
+        calls.append(1)
+        return output * 0 if len(calls) == call else output
+
+    handle = module.register_forward_hook(zero)
+    try:
+        return net(x)
+    finally:
+        handle.remove()
+
+
 @pytest.fixture
 def twice():
     torch.manual_seed(0)
@@ -64,13 +79,7 @@ def test_read_after_write_sees_the_edit(twice):
         after = model.lin.output.save()
         out = model.output.save()
 
-    def zero_first(module, inputs, output, calls=[]):
-        calls.append(1)
-        return output * 0 if len(calls) == 1 else output
-
-    handle = twice.lin.register_forward_hook(zero_first)
-    expected = twice(x)
-    handle.remove()
+    expected = _with_call_zeroed(twice, twice.lin, 1, x)
     assert before.abs().sum() > 0 and after.abs().sum() == 0
     assert torch.allclose(out, expected)
 
@@ -105,13 +114,7 @@ def test_iter_edit_of_one_call_equals_a_hand_patched_forward():
             model.cell.output[:] = 0
         out = model.output.save()
 
-    def zero_second(module, inputs, output, calls=[]):
-        calls.append(1)
-        return output * 0 if len(calls) == 2 else output
-
-    handle = net.cell.register_forward_hook(zero_second)
-    expected = net(x)
-    handle.remove()
+    expected = _with_call_zeroed(net, net.cell, 2, x)
     assert torch.allclose(out, expected)
 
 

@@ -65,12 +65,3 @@ _WORKER_FILE = os.path.join(_PACKAGE_DIR, "tracing", "interleaver.py")
 def _is_worker_entry(code) -> bool:
     """The loop every invoke body's greenlet starts in (``interleaver._Worker._loop``)."""
     return code.co_name == "_loop" and code.co_filename == _WORKER_FILE
-
-
-def user_location(frame) -> str:
-    """``file:line`` of the innermost frame of ``frame``'s stack that belongs to the user."""
-    while frame is not None and is_internal(frame.f_code.co_filename):
-        frame = frame.f_back
-    if frame is None:
-        return "<unknown>"
-    return f"{frame.f_code.co_filename}:{frame.f_lineno}"

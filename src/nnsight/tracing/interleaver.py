@@ -98,14 +98,6 @@ class _Failure:
 _FINISHED = object()
 
 
-def _acquire_worker() -> _Worker:
-    return _Worker()
-
-
-def _release_worker(worker: _Worker):
-    """The body has finished; its greenlet is dropped with the worker (see ``_Worker``)."""
-
-
 class Request:
     """A body waits for ``hook``'s call number ``index`` of generation step ``step``, at ``point``."""
 
@@ -386,11 +378,7 @@ class Mediator:
             self._flush_writebacks()
         il = self.interleaver
         hook = il.hook_for(envoy)
-        offset = self.offsets.get(hook, 0) if self.offsets else 0
-        if il.stepping:
-            step, index = self.step, offset
-        else:
-            step, index = 0, self.step + offset
+        step, index = self._call_of(hook)
         point = "output" if kind == "output" else "input"
         delivery = self.current
         if delivery is not None and delivery.hook is hook and delivery.index == index and delivery.step == step:
@@ -516,7 +504,7 @@ class Mediator:
         """Switch into the body; returns when it asks for something else or finishes."""
         worker = self.worker
         if worker is None:
-            worker = self.worker = _acquire_worker()
+            worker = self.worker = _Worker()
             value = self
         previous = current.mediator
         current.mediator = self
@@ -549,7 +537,6 @@ class Mediator:
         self.worker = None
         self.done = True
         self.pending = None
-        _release_worker(worker)
         if outcome is not _FINISHED:
             raise outcome.error
 
