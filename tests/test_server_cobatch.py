@@ -106,22 +106,24 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(HOSTILE))
-def test_hostile_request_sees_only_its_rows(model, what):
-    victims = [job(i, TYPICAL) for i in (0, 2, 3)]
-    attacker = job(1, HOSTILE[what])
-    jobs = [victims[0], attacker, victims[1], victims[2]]
+def attacked(model, victims, attacker):
+    """Co-batch ``attacker`` among ``victims``: they come out as if it did not exist, it as if alone; returns its outcome and the forwards' sizes."""
     batches = []
-    out = together(model, jobs, batches=batches)
-    assert batches == [4]  # one shared forward, the attacker included
-    for v in victims:  # batch-mates are as if the attacker did not exist
+    out = together(model, [victims[0], attacker, *victims[1:]], batches=batches)
+    for v in victims:
         assert_same(out[v["id"]], alone(model, v))
-    mine = out[attacker["id"]]
-    solo = alone(model, attacker)
+    mine, solo = out[attacker["id"]], alone(model, attacker)
     if "type" in solo:  # the attack fails alone too: the same error, and only for the attacker
         assert mine["type"] == solo["type"]
     else:
         assert_same(mine, solo)
+    return mine, batches
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE))
+def test_hostile_request_sees_only_its_rows(model, what):
+    mine, batches = attacked(model, [job(i, TYPICAL) for i in (0, 2, 3)], job(1, HOSTILE[what]))
+    assert batches == [4]  # one shared forward, the attacker included
     if what == "read the whole batch":
         assert mine["everything"].shape[0] == 1 and mine["ids"].shape[0] == 1
     if what == "infer the batch size":
@@ -273,18 +275,8 @@ GENERATE_HOSTILE = {
 
 @pytest.mark.parametrize("what", sorted(GENERATE_HOSTILE))
 def test_hostile_generate_request_sees_only_its_rows(model, what):
-    victims = [gen_job(i, STEPS) for i in (0, 2, 3)]
-    attacker = gen_job(1, GENERATE_HOSTILE[what])
-    batches = []
-    out = together(model, [victims[0], attacker, victims[1], victims[2]], batches=batches)
+    mine, batches = attacked(model, [gen_job(i, STEPS) for i in (0, 2, 3)], gen_job(1, GENERATE_HOSTILE[what]))
     assert batches[0] == 4  # one shared generate, the attacker included
-    for v in victims:
-        assert_same(out[v["id"]], alone(model, v))
-    mine, solo = out[attacker["id"]], alone(model, attacker)
-    if "type" in solo:
-        assert mine["type"] == solo["type"]
-    else:
-        assert_same(mine, solo)
     if what == "read the whole batch":
         assert set(mine["sizes"].tolist()) == {1} and mine["tokens"].shape[0] == 1
 
