@@ -20,6 +20,7 @@ Options:
     --quick       fewer requests; skip SmolLM2
     --no-overhead skip the per-request breakdown
     --json PATH   also write the raw figures
+    --modes       co-batching modes to run (default off,any)
     --breakdown   per cell, where a request's time went (server metrics); plain torch forwards at batch 1/4/8/16
     --batch-wait-ms MS  passed to the servers
     --weights-every N   passed to the servers (default 50; a full checksum of GPT-2-small's weights costs ~0.4 s)
@@ -308,6 +309,7 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-overhead", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--modes", default="off,any", help="co-batching modes to run (comma list)")
     parser.add_argument("--breakdown", action="store_true",
                         help="per cell, where a request's time went; and plain torch forwards at batch 1/4/8/16")
     parser.add_argument("--batch-wait-ms", default=None, help="passed to the servers (default: the server's)")
@@ -322,7 +324,7 @@ def main():
         specs = models_wanted(names, root)
         for name, (spec, family, last) in specs.items():
             body = BODIES[family].format(last=last)
-            for mode in ("off", "any"):
+            for mode in args.modes.split(","):
                 server = Server(spec, root / f"data-{name}-{mode}",
                                 ["--co-batch", mode, "--max-batch", "16", "--rate-limit", "100000",
                                  "--max-concurrent", "64", "--job-timeout", "300", "--weights-every", str(args.weights_every),

@@ -270,6 +270,7 @@ GENERATE_HOSTILE = {
                            "        model.transformer.h[0].mlp.output[-8:] = 500.0\n"
                            "        model.transformer.h[1].output[:] = 0\n    tokens = model.generator.output.save()\n",
     "write a batch-sized tensor": "    for step in tracer.iter[0:2]:\n        model.transformer.h[0].mlp.output[:] = torch.zeros(4, 4, 32)\n",
+    "replace an output with another shape": "    for step in tracer.iter[0:2]:\n        model.transformer.h[0].mlp.output = torch.zeros(4, 4, 7)\n",
 }
 
 

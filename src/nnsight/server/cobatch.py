@@ -1,13 +1,13 @@
-"""Co-batching: several trace requests for one model run as one batched forward pass.
+"""Co-batching: several trace (or generate) requests for one model run as one batched forward (or generate).
 
-    plan = plan_batches(model, jobs)          # [[job, job, ...], [job], ...] in arrival order
+    plan = plan_batches(model, jobs, 8)       # [[job, job, ...], [job], ...] in arrival order
     for group in plan:
         for job_id, outcome in run_group(model, group, run_one):
             ...                               # outcome: (values, blob) or the exception of that job
 
-Each request becomes one invoke of a shared trace, so the engine's row isolation gives
-it only its own rows: every module value, ``.inputs``, ``model.output`` and
-``tracer.result`` it reads is a view of its rows, and its edits reach only them. Its
+Each request becomes one invoke of a shared trace (or generate), so the engine's row isolation
+gives it only its own rows: every module value, ``.inputs``, ``model.output`` and
+``model.generator.output`` it reads is a view of its rows, at every step, and its edits reach only them. Its
 code runs in its own scope (its own names, saved values and prints), and an exception
 in its code ends that request's invoke only: the others go on and complete.
 
