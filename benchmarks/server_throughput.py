@@ -20,6 +20,9 @@ Options:
     --quick       fewer requests; skip SmolLM2
     --no-overhead skip the per-request breakdown
     --json PATH   also write the raw figures
+    --modes       co-batching modes to run (default off,any)
+    --breakdown   per cell, where a request's time went (server metrics); plain torch forwards at batch 1/4/8/16
+    --batch-wait-ms MS  passed to the servers
     --weights-every N   passed to the servers (default 50; a full checksum of GPT-2-small's weights costs ~0.4 s)
 """
 
@@ -171,9 +174,54 @@ def run_cell(server, model, body, clients, total):
     forwards = after.get("nnsight_forward_batch_size_count", 0) - before.get("nnsight_forward_batch_size_count", 0)
     rows = after.get("nnsight_forward_batch_size_sum", 0) - before.get("nnsight_forward_batch_size_sum", 0)
     latencies.sort()
+
+    def mean_ms(metric):
+        count = after.get(metric + "_count", 0) - before.get(metric + "_count", 0)
+        return 1000 * (after.get(metric + "_sum", 0) - before.get(metric + "_sum", 0)) / count if count else 0.0
+
+    p50 = 1000 * statistics.median(latencies)
+    # Where a request's time went (means over the cell, from the server's /metrics). "run" is the
+    # time of the whole forward group the job was in (decode, sandbox, shared forward, encode).
+    parts = {part: mean_ms(metric) for part, metric in BREAKDOWN.items()}
+    parts["HTTP, SSE and client threads (rest)"] = 1000 * statistics.mean(latencies) - sum(parts.values())
     return {"clients": clients, "requests": len(latencies), "rps": len(latencies) / wall,
-            "p50_ms": 1000 * statistics.median(latencies), "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
-            "mean_batch": rows / forwards if forwards else 0.0}
+            "p50_ms": p50, "p95_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
+            "mean_ms": 1000 * statistics.mean(latencies), "mean_batch": rows / forwards if forwards else 0.0,
+            "parts_ms": parts}
+
+
+BREAKDOWN = {  # part of a request's time -> the server metric that measures it
+    "sandbox check (HTTP handler)": "nnsight_sandbox_check_seconds",
+    "queue wait (batch window + previous batches)": "nnsight_queue_wait_seconds",
+    "IPC to/from the worker": "nnsight_job_ipc_seconds",
+    "waiting in the worker for earlier groups": "nnsight_job_worker_wait_seconds",
+    "its forward group (decode, sandbox, forward, encode)": "nnsight_job_run_seconds",
+    "integrity check + gc after the group": "nnsight_job_check_seconds",
+    "result storage": "nnsight_result_store_seconds",
+}
+
+
+def plain_forwards(folder, batches=(1, 4, 8, 16), n=20):
+    """Median ms of a plain torch forward (no nnsight) over ``batch`` copies of the prompt, torch on 1 thread."""
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    out = {}
+    for batch in batches:
+        ids = tok([PROMPT] * batch, return_tensors="pt")
+        times = []
+        with torch.inference_mode():
+            for _ in range(3):
+                model(**ids)
+            for _ in range(n):
+                t = time.perf_counter()
+                model(**ids)
+                times.append(time.perf_counter() - t)
+        out[batch] = 1000 * statistics.median(times)
+    return out
 
 
 def overhead(spec, root, n=40):
@@ -261,6 +309,10 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-overhead", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--modes", default="off,any", help="co-batching modes to run (comma list)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="per cell, where a request's time went; and plain torch forwards at batch 1/4/8/16")
+    parser.add_argument("--batch-wait-ms", default=None, help="passed to the servers (default: the server's)")
     parser.add_argument("--weights-every", type=int, default=50,
                         help="the servers' weights checksum interval in jobs (the server's default is 1)")
     args = parser.parse_args()
@@ -272,10 +324,11 @@ def main():
         specs = models_wanted(names, root)
         for name, (spec, family, last) in specs.items():
             body = BODIES[family].format(last=last)
-            for mode in ("off", "any"):
+            for mode in args.modes.split(","):
                 server = Server(spec, root / f"data-{name}-{mode}",
                                 ["--co-batch", mode, "--max-batch", "16", "--rate-limit", "100000",
-                                 "--max-concurrent", "64", "--job-timeout", "300", "--weights-every", str(args.weights_every)])
+                                 "--max-concurrent", "64", "--job-timeout", "300", "--weights-every", str(args.weights_every),
+                                 *(["--batch-wait-ms", args.batch_wait_ms] if args.batch_wait_ms is not None else [])])
                 try:
                     for c in clients:
                         total = args.requests or (max(12, 2 * c) if args.quick else max(24, 3 * c))
@@ -285,8 +338,16 @@ def main():
                         print(f"{name:<11} co-batch={mode:<4} clients={c:>2}: {cell['rps']:6.2f} req/s  "
                               f"p50 {cell['p50_ms']:7.1f} ms  p95 {cell['p95_ms']:7.1f} ms  batch {cell['mean_batch']:.1f}",
                               flush=True)
+                        if args.breakdown:
+                            print("    mean " + ", ".join(f"{part} {ms:.1f}" for part, ms in
+                                                         [("total", cell["mean_ms"]), *cell["parts_ms"].items()]), flush=True)
                 finally:
                     server.stop()
+        if args.breakdown:
+            for name, (spec, _, _) in specs.items():
+                if "=" in spec:
+                    forwards = results.setdefault("plain_forward_ms", {})[name] = plain_forwards(spec.split("=", 1)[1])
+                    print(f"plain torch forward, {name}: " + ", ".join(f"batch {b} {ms:.1f} ms" for b, ms in forwards.items()))
         if not args.no_overhead:
             spec = specs["tiny"][0] if "tiny" in specs else models_wanted(["tiny"], root)["tiny"][0]
             results["overhead"] = oh = overhead(spec, root)

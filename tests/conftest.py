@@ -392,3 +392,46 @@ def record_outputs(module, run):
 def recorded():
     """``recorded(module, run)``: the outputs a plain forward hook sees (the oracle for saved values)."""
     return record_outputs
+
+
+def pytest_collection_modifyitems(config, items):
+    """Against the Ray-mode server run only tests marked ``every_mode`` (a representative subset, to keep it short)."""
+    kept, dropped = [], []
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        ray = spec is not None and spec.params.get("server_mode") == "ray"
+        (dropped if ray and item.get_closest_marker("every_mode") is None else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
+@pytest.fixture(scope="module", params=["workers", "ray"])
+def server_mode(request):
+    """How a module's server runs its models: worker processes here, or replicas on Ray (see ``ray_server``)."""
+    if request.param == "ray":
+        pytest.importorskip("ray")
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def ray_server(tmp_path_factory):
+    """One ``nnsight serve --ray`` (local Ray, 127.0.0.1, 2 CPUs) shared by every module's Ray-mode tests.
+
+    Serves the tiny GPT-2 as ``tiny-gpt2`` with keys ``alice`` and ``bob`` (``.keys``), its folder as ``.folder``,
+    and the limits the hostile suite expects (2 MB bodies, 1 MB tensors, 4 jobs per key).
+    """
+    from remote_support import create_key, make_tiny_gpt2, start_server
+
+    root = tmp_path_factory.mktemp("ray-mode")
+    folder = make_tiny_gpt2(root / "tiny")
+    data = root / "data"
+    keys = {name: create_key(data, name) for name in ("alice", "bob")}
+    server = start_server([f"tiny-gpt2={folder}"], data, "--ray", "--ray-cpus", "2", "--job-timeout", "10",
+                          "--memory-mb", "6000", "--max-body-mb", "2", "--max-tensor-mb", "1", "--max-concurrent", "4",
+                          "--rate-limit", "1000", timeout=240)
+    server.keys, server.folder = keys, folder
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,5 +1,8 @@
 """Hostile requests against a real `nnsight serve` subprocess: each is refused with a clear error,
-and the server keeps serving with the model unchanged (checked at the end of the module)."""
+and the server keeps serving with the model unchanged (checked at the end of the module).
+
+Tests marked ``every_mode`` (and the marked cases of the tables) also run against the shared
+Ray-mode server (conftest ``ray_server``), the rest against worker processes only."""
 
 from __future__ import annotations
 
@@ -21,8 +24,14 @@ TORCH = {"$t": "module", "name": "torch"}
 PROBE = "hs = model.transformer.h[0].output[0].save()\nlogits = model.lm_head.output.save()\n"
 
 
+EVERY_MODE = pytest.mark.every_mode
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(server_mode, tmp_path_factory, request):
+    if server_mode == "ray":
+        yield request.getfixturevalue("ray_server")
+        return
     root = tmp_path_factory.mktemp("hostile")
     folder = make_tiny_gpt2(root / "tiny")
     data = root / "data"
@@ -94,13 +103,13 @@ def baseline(server):
 # -- the sandbox's static checks (400 before anything runs) ------------------------------
 
 STATIC = [
-    ("subclass walking", "x = ().__class__.__bases__[0].__subclasses__()", "'__subclasses__'"),
+    pytest.param("subclass walking", "x = ().__class__.__bases__[0].__subclasses__()", "'__subclasses__'", marks=EVERY_MODE),
     ("mro walking", "x = [].__class__.__mro__", "'__mro__'"),
     ("function globals", "def f():\n    pass\ng = f.__globals__", "'__globals__'"),
     ("code object", "def f():\n    pass\nc = f.__code__", "'__code__'"),
     ("builtins via name", "b = __builtins__", "'__builtins__'"),
     ("dunder import", "os = __import__('os')", "'__import__'"),
-    ("import os", "import os", "import of 'os' is not allowed"),
+    pytest.param("import os", "import os", "import of 'os' is not allowed", marks=EVERY_MODE),
     ("fork bomb", "from os import fork\nwhile True:\n    fork()", "import from 'os' is not allowed"),
     ("subprocess", "import subprocess\nsubprocess.run(['sh'])", "import of 'subprocess'"),
     ("pickle module", "import pickle", "import of 'pickle'"),
@@ -111,7 +120,7 @@ STATIC = [
     ("eval", "eval('1 + 1')", "'eval' is not available"),
     ("exec", "exec('x = 1')", "'exec' is not available"),
     ("open", "open('/etc/passwd').read()", "'open' is not available"),
-    ("getattr", "getattr(model, '_module')", "'getattr' is not available"),
+    pytest.param("getattr", "getattr(model, '_module')", "'getattr' is not available", marks=EVERY_MODE),
     ("setattr", "setattr(model, 'x', 1)", "'setattr' is not available"),
     ("type", "t = type(model)", "'type' is not available"),
     ("vars", "v = vars(model)", "'vars' is not available"),
@@ -134,7 +143,11 @@ STATIC = [
 ]
 
 
-@pytest.mark.parametrize("what, source, match", STATIC, ids=[s[0] for s in STATIC])
+def _ids(table):
+    return [case.values[0] if hasattr(case, "values") else case[0] for case in table]
+
+
+@pytest.mark.parametrize("what, source, match", STATIC, ids=_ids(STATIC))
 def test_static_refusals(server, baseline, what, source, match):
     r = post(server, request(source))
     assert r.status_code == 400, (r.status_code, r.text)
@@ -146,7 +159,7 @@ def test_static_refusals(server, baseline, what, source, match):
 # -- refused while running (the runtime guards) -------------------------------------------
 
 RUNTIME = [
-    ("torch.load", "t = torch.load('/etc/passwd')", "torch.load is not available"),
+    pytest.param("torch.load", "t = torch.load('/etc/passwd')", "torch.load is not available", marks=EVERY_MODE),
     ("torch.save", "torch.save(model.lm_head.weight, '/tmp/x')", "torch.save is not available"),
     ("torch.hub", "torch.hub.load('a', 'b')", "torch.hub is not available"),
     ("cpp extension", "torch.utils.cpp_extension.load_inline('x', '')", "torch.utils is not available"),
@@ -155,22 +168,22 @@ RUNTIME = [
     ("torch.from_file", "t = torch.from_file('/etc/passwd', size=10)", "torch.from_file is not available"),
     ("torch.compile", "torch.compile", "torch.compile is not available"),
     ("TorchScript import", "torch.import_ir_module", "torch.import_ir_module is not available"),
-    ("uninitialized memory", "t = torch.empty(1000)", "torch.empty is not available"),
+    pytest.param("uninitialized memory", "t = torch.empty(1000)", "torch.empty is not available", marks=EVERY_MODE),
     ("uninitialized via Tensor()", "t = torch.Tensor(1000)", "uninitialized memory"),
     ("uninitialized via new_empty", "t = torch.zeros(1).new_empty(1000)", "tensor.new_empty is not available"),
     ("global torch state", "torch.set_grad_enabled(False)", "torch.set_grad_enabled is not available"),
     ("global RNG state", "torch.manual_seed(0)", "torch.manual_seed is not available"),
-    ("write weights by index", "w = model.lm_head.weight\nw[0] = 1", "read-only"),
+    pytest.param("write weights by index", "w = model.lm_head.weight\nw[0] = 1", "read-only", marks=EVERY_MODE),
     ("write weights via .data", "model.lm_head.weight.data.zero_()", "tensor.data on the model's own weights"),
-    ("write weights in place", "model.transformer.h[0].mlp.c_fc.weight.add_(1)", "tensor.add_ on the model's own weights"),
+    pytest.param("write weights in place", "model.transformer.h[0].mlp.c_fc.weight.add_(1)", "tensor.add_ on the model's own weights", marks=EVERY_MODE),
     ("write weights through a view", "v = model.lm_head.weight.T\nv[0] = 5", "read-only"),
     ("write weights through detach", "d = model.lm_head.weight.detach()\nd.mul_(0)", "tensor.mul_ on the model's own weights"),
     ("in-place functional on weights", "import torch.nn.functional as F\nF.relu(model.lm_head.weight, inplace=True)", "inplace=True"),
     ("hook on weights", "model.lm_head.weight.register_hook(print)", "tensor.register_hook on the model's own weights"),
-    ("replace a module's forward", "def f(x):\n    return x\nmodel.lm_head.forward = f", "setting attributes of model.lm_head"),
+    pytest.param("replace a module's forward", "def f(x):\n    return x\nmodel.lm_head.forward = f", "setting attributes of model.lm_head", marks=EVERY_MODE),
     ("replace Linear.forward", "torch.nn.Linear.forward = None", "changing a type object is not allowed"),
     ("module attribute write", "model.transformer.h[0].attn.embed_dim = 5", "setting attributes"),
-    ("module methods", "model.lm_head.register_forward_hook(print)", "methods of modules other than calling them are blocked"),
+    pytest.param("module methods", "model.lm_head.register_forward_hook(print)", "methods of modules other than calling them are blocked", marks=EVERY_MODE),
     ("load_state_dict", "model.load_state_dict({})", "load_state_dict is not available"),
     ("raw module by item path", "m = model['_module']", "invalid module path"),
     ("raw module by get", "m = model.get('transformer._modules')", "invalid module path"),
@@ -178,21 +191,22 @@ RUNTIME = [
     ("tensor numpy", "a = torch.zeros(2).numpy()", "tensor.numpy is not available"),
     ("generator frames", "def g():\n    yield 1\nit = g()\nf = it.gi_frame", "\"gi_frame\" is a restricted name"),
     ("function attributes", "def f():\n    pass\nc = f.func_globals", "function object is not allowed"),
-    ("tracer internals", "m = tracer.model", "tracer.model is not available"),
+    pytest.param("tracer internals", "m = tracer.model", "tracer.model is not available", marks=EVERY_MODE),
     ("exception traceback method", "try:\n    1 / 0\nexcept Exception as e:\n    e.with_traceback(None)", "exception.with_traceback"),
     ("persistent edits", "e = model.edit()", "edit is not available"),
     ("move the model", "model.to('meta')", "to is not available"),
-    ("nested remote", "with model.trace('x', remote=True):\n    pass", "remote=True inside remote code"),
+    pytest.param("nested remote", "with model.trace('x', remote=True):\n    pass", "remote=True inside remote code", marks=EVERY_MODE),
     ("tokenizer mutation", "model.tokenizer.add_tokens(['zzz'])", "tokenizer.add_tokens is not available"),
     ("class attribute via isinstance type", "n = torch.Tensor.add_", "reading .add_ of a _TensorTypeMeta object is not allowed"),
 ]
 
 
-@pytest.mark.parametrize("what, source, match", RUNTIME, ids=[s[0] for s in RUNTIME])
+@pytest.mark.parametrize("what, source, match", RUNTIME, ids=_ids(RUNTIME))
 def test_runtime_refusals(server, baseline, what, source, match):
     refused(server, source, match, as_name="tracer")
 
 
+@EVERY_MODE
 def test_exception_reports_the_users_line(server):
     req = request("x = 1\ny = model.transformer.h[0].output[0]\nz = undefined_name")
     etype, message = outcome(server, req)
@@ -205,6 +219,7 @@ def test_exception_reports_the_users_line(server):
 # -- malformed and oversized payloads ----------------------------------------------------
 
 
+@EVERY_MODE
 def test_pickle_payload_as_tensors_is_rejected(server):
     class Evil:
         def __reduce__(self):
@@ -226,6 +241,7 @@ def test_unknown_value_tag(server):
     assert etype == "ValueError" and "unknown value tag 'pickle'" in message
 
 
+@EVERY_MODE
 def test_huge_body_is_refused(server):
     r = post(server, request("x = 1", {"junk": "a" * (3 << 20)}))
     assert r.status_code == 413 and "limit" in r.json()["detail"]
@@ -283,6 +299,7 @@ def test_revoked_key(server):
     assert post(server, request(PROBE), key="revoked").status_code == 401
 
 
+@EVERY_MODE
 def test_another_keys_job_is_invisible(server):
     r = post(server, request(PROBE), key="alice")
     job = r.json()["id"]
@@ -328,10 +345,12 @@ def test_cancel_a_running_job(server):
     assert wait(server, job)["status"] == "cancelled"
 
 
-def test_zz_server_still_serves_and_model_unchanged(server, baseline):
+@EVERY_MODE
+def test_zz_server_still_serves_and_model_unchanged(server, server_mode, baseline):
     after = run_ok(server)
     assert after["tensors"] == baseline["tensors"]
     health = requests.get(server.url + "/health", timeout=30).json()
     assert health["status"] == "ok"
-    metrics = requests.get(server.url + "/metrics", timeout=30).text
-    assert "nnsight_worker_restarts_total" in metrics
+    if server_mode == "workers":  # the looping job (not in the Ray subset) restarted the worker
+        metrics = requests.get(server.url + "/metrics", timeout=30).text
+        assert "nnsight_worker_restarts_total" in metrics

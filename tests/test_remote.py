@@ -1,5 +1,7 @@
 """remote=True end to end: a real `nnsight serve` subprocess, the README-style examples
-(trace, generate, session, gradients) compared with the same code run locally."""
+(trace, generate, session, gradients) compared with the same code run locally.
+
+Tests marked ``every_mode`` also run against the shared Ray-mode server (conftest ``ray_server``)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,11 @@ from remote_support import connect, remote_config, serve_tiny  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(server_mode, tmp_path_factory, request):
+    if server_mode == "ray":
+        server = request.getfixturevalue("ray_server")
+        yield server, server.keys["alice"], server.folder
+        return
     yield from serve_tiny(tmp_path_factory, "remote")
 
 
@@ -33,6 +39,7 @@ def test_remote_model_is_built_on_meta_from_the_servers_config(models):
     assert remote.tokenizer("Hello")["input_ids"] == local.tokenizer("Hello")["input_ids"]
 
 
+@pytest.mark.every_mode
 def test_trace_matches_local(models):
     remote, local = models
     results = []
@@ -49,6 +56,7 @@ def test_trace_matches_local(models):
     assert torch.allclose(ro["logits"], lo["logits"], atol=1e-5)
 
 
+@pytest.mark.every_mode
 def test_values_from_the_callers_scope_and_functions(models):
     remote, local = models
     patch = torch.ones(32) * 0.5
@@ -72,6 +80,7 @@ def double(x):
     return x * 2
 
 
+@pytest.mark.every_mode
 def test_generate_matches_local(models):
     remote, local = models
     outs = {}
@@ -86,6 +95,7 @@ def test_generate_matches_local(models):
     assert [int(t) for t in outs[True][0]] == [int(t) for t in outs[False][0]]
 
 
+@pytest.mark.every_mode
 def test_session_matches_local(models):
     remote, local = models
     outs = {}
@@ -101,6 +111,7 @@ def test_session_matches_local(models):
     assert torch.allclose(outs[True][1], outs[False][1], atol=1e-5)
 
 
+@pytest.mark.every_mode
 def test_gradients_match_local(models):
     remote, local = models
     outs = {}
@@ -116,6 +127,7 @@ def test_gradients_match_local(models):
     assert torch.allclose(outs[True], outs[False], atol=1e-5)
 
 
+@pytest.mark.every_mode
 def test_print_streams_back(models, capsys):
     remote, local = models
     printed = []
@@ -128,6 +140,7 @@ def test_print_streams_back(models, capsys):
     assert printed[1] == printed[0]
 
 
+@pytest.mark.every_mode
 def test_errors_come_back_as_the_same_type_at_the_users_line(models):
     remote, _ = models
     with pytest.raises(IndexError) as info:
@@ -159,6 +172,7 @@ def test_unsendable_variable_is_named_before_sending(models):
         handle.close()
 
 
+@pytest.mark.every_mode
 def test_non_blocking_returns_a_handle(models):
     remote, _ = models
     with remote.trace("Hello", remote=True, blocking=False) as tracer:

@@ -97,6 +97,49 @@ def test_load_200_requests_from_8_clients(server):
     assert sizes["nnsight_forward_batch_size_max"] > 1
 
 
+def _metric(server, name):
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
+
+
+def test_generate_requests_co_batch_over_http_with_solo_results(server, tmp_path):
+    from nnsight import LanguageModel
+    from remote_support import make_tiny_gpt2
+
+    h = {"X-API-Key": server.keys[1]}
+    settings = {"max_new_tokens": 3, "min_new_tokens": 3}
+    body = "    steps = []\n    for step in tracer.iter[:]:\n        steps.append(model.lm_head.output[:, -1])\n" \
+           "    steps = torch.stack(steps).save()\n    tokens = model.generator.output.save()\n"
+    prompts = ["The cat sat on", "A dog ran to", "One bird flew by"]  # the same token width
+    # A job that keeps the worker busy, so the generates queue behind it and are taken as one batch.
+    busy = {"model": "tiny-gpt2", "kind": "trace", "source": "    n = 0\n    for i in range(400000):\n        n += 1\n",
+            "body_lineno": 2, "inputs": ["Hello"], "variables": {"model": MODEL}}
+    before = _metric(server, "nnsight_forward_batch_size_count"), _metric(server, "nnsight_forward_batch_size_sum")
+    jobs = [requests.post(server.url + "/v1/jobs", json=busy, headers=h, timeout=10).json()["id"]]
+    for prompt in prompts:
+        req = {"model": "tiny-gpt2", "kind": "generate", "source": body, "body_lineno": 2, "inputs": [prompt], "kwargs": settings,
+               "as_name": "tracer", "variables": {"model": MODEL, "torch": {"$t": "module", "name": "torch"}}}
+        jobs.append(requests.post(server.url + "/v1/jobs", json=req, headers=h, timeout=10).json()["id"])
+    results = []
+    for job in jobs:
+        while requests.get(f"{server.url}/v1/jobs/{job}", headers=h, timeout=10).json()["status"] not in ("completed", "error"):
+            time.sleep(0.02)
+        body_ = requests.get(f"{server.url}/v1/jobs/{job}/result", headers=h, timeout=10).json()
+        results.append(decode_values(body_["values"], body_["tensors"]))
+    after = _metric(server, "nnsight_forward_batch_size_count"), _metric(server, "nnsight_forward_batch_size_sum")
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 4)  # the busy job alone, then one generate of three
+    local = LanguageModel(str(make_tiny_gpt2(tmp_path / "tiny")))
+    for prompt, got in zip(prompts, results[1:]):
+        with local.generate(prompt, **settings) as tracer:
+            steps = []
+            for step in tracer.iter[:]:
+                steps.append(local.lm_head.output[:, -1])
+            steps = torch.stack(steps).save()
+            tokens = local.generator.output.save()
+        assert torch.equal(got["tokens"], tokens)
+        torch.testing.assert_close(got["steps"], steps, rtol=1e-5, atol=1e-5)
+
+
 def test_openapi_fuzz_has_no_server_errors(server):
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings

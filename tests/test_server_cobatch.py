@@ -106,22 +106,24 @@ HOSTILE = {
 }
 
 
-@pytest.mark.parametrize("what", sorted(HOSTILE))
-def test_hostile_request_sees_only_its_rows(model, what):
-    victims = [job(i, TYPICAL) for i in (0, 2, 3)]
-    attacker = job(1, HOSTILE[what])
-    jobs = [victims[0], attacker, victims[1], victims[2]]
+def attacked(model, victims, attacker):
+    """Co-batch ``attacker`` among ``victims``: they come out as if it did not exist, it as if alone; returns its outcome and the forwards' sizes."""
     batches = []
-    out = together(model, jobs, batches=batches)
-    assert batches == [4]  # one shared forward, the attacker included
-    for v in victims:  # batch-mates are as if the attacker did not exist
+    out = together(model, [victims[0], attacker, *victims[1:]], batches=batches)
+    for v in victims:
         assert_same(out[v["id"]], alone(model, v))
-    mine = out[attacker["id"]]
-    solo = alone(model, attacker)
+    mine, solo = out[attacker["id"]], alone(model, attacker)
     if "type" in solo:  # the attack fails alone too: the same error, and only for the attacker
         assert mine["type"] == solo["type"]
     else:
         assert_same(mine, solo)
+    return mine, batches
+
+
+@pytest.mark.parametrize("what", sorted(HOSTILE))
+def test_hostile_request_sees_only_its_rows(model, what):
+    mine, batches = attacked(model, [job(i, TYPICAL) for i in (0, 2, 3)], job(1, HOSTILE[what]))
+    assert batches == [4]  # one shared forward, the attacker included
     if what == "read the whole batch":
         assert mine["everything"].shape[0] == 1 and mine["ids"].shape[0] == 1
     if what == "infer the batch size":
@@ -213,3 +215,77 @@ def test_a_co_batch_leaves_local_tracing_as_it_was(model):
     assert kept.shape[0] == 1
     with pytest.raises(NameError):
         dropped  # noqa: B018 - unsaved names are not bound after a local trace, co-batch or not
+
+
+# -- generate: requests with equal, fixed-length greedy settings share one generate ----------
+
+FIXED = {"max_new_tokens": 3, "min_new_tokens": 3}
+
+
+def gen_job(i, body, kwargs=FIXED, prompt=None):
+    request = job(i, body, prompt)["request"]
+    return {"id": f"g{i}", "request": {**request, "kind": "generate", "kwargs": dict(kwargs), "as_name": "tracer"}}
+
+
+STEPS = ("    first = model.transformer.h[0].output.save()\n    steps = []\n    for step in tracer.iter[:]:\n"
+         "        model.transformer.h[1].mlp.output[:, -1] = model.transformer.h[1].mlp.output[:, -1] * 0.5\n"
+         "        steps.append(model.lm_head.output[:, -1])\n    steps = torch.stack(steps).save()\n"
+         "    tokens = model.generator.output.save()\n")
+
+
+def test_generate_requests_equal_solo_runs(model):
+    jobs = [gen_job(i, STEPS) for i in range(4)]
+    assert [len(g) for g in plan_batches(model, jobs, 8)] == [4]
+    batches = []
+    out = together(model, jobs, batches=batches)
+    assert batches == [4, 4, 4]  # one generate: three steps over the four requests' rows
+    for j in jobs:
+        mine = out[j["id"]]
+        assert mine["tokens"].shape == (1, 4 + 3) and mine["steps"].shape == (3, 1, mine["steps"].shape[-1])
+        solo = alone(model, j)
+        assert torch.equal(mine["tokens"], solo["tokens"])  # greedy tokens bit-identical
+        assert_same(mine, solo)
+    assert len({tuple(out[j["id"]]["tokens"][0].tolist()) for j in jobs}) == 4  # each got its own prompt's tokens
+
+
+def test_generate_settings_decide_who_shares(model):
+    body = "    tokens = model.generator.output.save()\n"
+    jobs = [gen_job(0, body), gen_job(1, body, {"max_new_tokens": 2, "min_new_tokens": 2}), gen_job(2, body),
+            gen_job(3, body, {**FIXED, "do_sample": True}),  # sampling: one random stream in batch order
+            gen_job(4, body, {"max_new_tokens": 3}),  # an end-of-sequence token could end it early alone
+            gen_job(5, "    r = tracer.result.save()\n"), gen_job(6, body, {**FIXED, "num_beams": 2}),
+            gen_job(7, body, {**FIXED, "streamer": None}), gen_job(8, body, prompt="A much longer prompt than the others"),
+            job(9, body), gen_job(10, body, {**FIXED, "temperature": 1.0})]
+    groups = [[j["id"] for j in g] for g in plan_batches(model, jobs, 8)]
+    assert groups == [["g0", "g2"], ["g1"], ["g3"], ["g4"], ["g5"], ["g6"], ["g7"], ["g8"], ["cb9"], ["g10"]]
+    assert uses_whole_forward(job(0, "    for s in tracer.iter[:]:\n        pass\n")["request"])
+    assert not uses_whole_forward(gen_job(0, "    for s in tracer.iter[:]:\n        pass\n")["request"])
+
+
+GENERATE_HOSTILE = {
+    "read the whole batch": "    sizes = []\n    for step in tracer.iter[:]:\n        sizes.append(model.lm_head.output.shape[0])\n"
+                            "        sizes.append(model.generator.streamer.output.shape[0])\n"
+                            "    sizes = torch.tensor(sizes).save()\n    tokens = model.generator.output.save()\n",
+    "write past its rows": "    for step in tracer.all():\n        model.transformer.h[0].mlp.output[1:] = 1000.0\n"
+                           "        model.transformer.h[0].mlp.output[-8:] = 500.0\n"
+                           "        model.transformer.h[1].output[:] = 0\n    tokens = model.generator.output.save()\n",
+    "write a batch-sized tensor": "    for step in tracer.iter[0:2]:\n        model.transformer.h[0].mlp.output[:] = torch.zeros(4, 4, 32)\n",
+    "replace an output with another shape": "    for step in tracer.iter[0:2]:\n        model.transformer.h[0].mlp.output = torch.zeros(4, 4, 7)\n",
+}
+
+
+@pytest.mark.parametrize("what", sorted(GENERATE_HOSTILE))
+def test_hostile_generate_request_sees_only_its_rows(model, what):
+    mine, batches = attacked(model, [gen_job(i, STEPS) for i in (0, 2, 3)], gen_job(1, GENERATE_HOSTILE[what]))
+    assert batches[0] == 4  # one shared generate, the attacker included
+    if what == "read the whole batch":
+        assert set(mine["sizes"].tolist()) == {1} and mine["tokens"].shape[0] == 1
+
+
+def test_a_generate_error_fails_only_its_request(model):
+    bad = gen_job(1, "    for step in tracer.iter[:]:\n        if step == 1:\n            z = 1 / 0\n")
+    good = [gen_job(i, STEPS) for i in (0, 2)]
+    out = together(model, [good[0], bad, good[1]])
+    assert out["g1"]["type"] == "ZeroDivisionError"
+    for g in good:
+        assert_same(out[g["id"]], alone(model, g))

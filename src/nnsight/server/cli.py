@@ -71,7 +71,7 @@ def _serve(argv):
     parser.add_argument("--result-ttl", type=float, default=24 * 3600.0,
                         help="seconds a finished job (status, events, result) is kept")
     parser.add_argument("--co-batch", choices=CO_BATCH_MODES, default="any",
-                        help="which queued trace requests share a forward pass: any key, per key, or off")
+                        help="which queued trace (and generate) requests share a forward pass: any key, per key, or off")
     parser.add_argument("--max-batch", type=int, default=8, help="requests in one co-batched forward")
     parser.add_argument("--batch-wait-ms", type=float, default=2.0,
                         help="how long a batch waits for more batch-mates once other requests are queued")

@@ -1,13 +1,13 @@
-"""Co-batching: several trace requests for one model run as one batched forward pass.
+"""Co-batching: several trace (or generate) requests for one model run as one batched forward (or generate).
 
-    plan = plan_batches(model, jobs)          # [[job, job, ...], [job], ...] in arrival order
+    plan = plan_batches(model, jobs, 8)       # [[job, job, ...], [job], ...] in arrival order
     for group in plan:
         for job_id, outcome in run_group(model, group, run_one):
             ...                               # outcome: (values, blob) or the exception of that job
 
-Each request becomes one invoke of a shared trace, so the engine's row isolation gives
-it only its own rows: every module value, ``.inputs``, ``model.output`` and
-``tracer.result`` it reads is a view of its rows, and its edits reach only them. Its
+Each request becomes one invoke of a shared trace (or generate), so the engine's row isolation
+gives it only its own rows: every module value, ``.inputs``, ``model.output`` and
+``model.generator.output`` it reads is a view of its rows, at every step, and its edits reach only them. Its
 code runs in its own scope (its own names, saved values and prints), and an exception
 in its code ends that request's invoke only: the others go on and complete.
 
@@ -15,9 +15,19 @@ Who may share a forward (decided per request, before it runs):
     * a ``trace`` without trace keyword arguments whose inputs are text, and whose
       prompts tokenize to the same padded width as its batch-mates' (so every row is
       computed exactly as it would be alone, with the same shapes);
+    * a ``generate`` with text inputs of the same padded width, whose generation settings
+      equal its batch-mates' and make every row run the same number of steps as it would
+      alone (``fixed_generation``): greedy (``do_sample`` off, one beam), only the settings
+      in ``GENERATE_SETTINGS``, and a fixed length (``min_new_tokens >= max_new_tokens``, or
+      a model without an end-of-sequence token). An end-of-sequence token could end one row
+      early when alone while its batch-mates go on, and sampling draws from one random
+      stream in batch order, so those requests run alone;
     * whose code uses none of the features that act on the whole forward or need
       their own pass: ``tracer.stop()``, ``.invoke``, ``.backward``/``.grad``, ``.skip``,
-      ``.edit``, ``.cache``, barriers, step loops, ``.source``, ``requires_grad``.
+      ``.edit``, ``.cache``, barriers, ``.source``, ``requires_grad``, ``tracer.result``
+      (use ``model.generator.output``), and in a ``trace`` also step loops
+      (``tracer.iter``/``.all()``/``.next()``); in a ``generate`` those loop over this
+      request's own steps and are allowed.
 Everything else runs alone, in turn. A co-batched request that still reaches one of
 those at run time (``tracer.stop()``, ``backward``) gets a clear error, never a shared effect.
 
@@ -39,16 +49,23 @@ from ..sandbox.errors import SandboxError
 from ..sandbox.guards import Guards
 from ..tracing.errors import NNsightError
 from ..tracing.tracer import Tracer
+from ..modeling.language import GenerateTracer
 
 RUN_ALONE_ATTRS = frozenset({
     "stop", "invoke", "backward", "grad", "skip", "edit", "clear_edits", "cache", "barrier", "iter", "all",
     "next", "source", "requires_grad", "requires_grad_", "retain_grad", "register_hook", "session", "generate",
     "trace", "result",
 })
+# Step loops act on one request's own steps in a generate (each invoke keeps its own step).
+STEP_ATTRS = frozenset({"iter", "all", "next"})
+# Generation settings a co-batched generate may give (JSON scalars, equal across the batch).
+GENERATE_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache",
+                               "temperature", "top_k", "top_p"})
 
 
 def uses_whole_forward(request: dict) -> bool:
     """Whether the request's code names any feature that must not share a forward (see module docstring)."""
+    refused = RUN_ALONE_ATTRS - STEP_ATTRS if request.get("kind") == "generate" else RUN_ALONE_ATTRS
     sources = [request.get("source") or ""] + [fn.get("source") or "" for fn in request.get("functions") or []]
     for text in sources:
         try:
@@ -56,14 +73,47 @@ def uses_whole_forward(request: dict) -> bool:
         except SyntaxError:
             return True  # the sandbox reports it when the request runs alone
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in RUN_ALONE_ATTRS:
+            if isinstance(node, ast.Attribute) and node.attr in refused:
                 return True
     return False
 
 
-def batch_width(model, request: dict):
-    """The padded token width of the request's prompts, or None when it cannot share a forward."""
-    if request.get("kind") != "trace" or request.get("kwargs") or uses_whole_forward(request):
+def fixed_generation(model, kwargs: dict):
+    """``kwargs`` of a generate as a sorted tuple when every row runs as it would alone (see module docstring); else None."""
+    if not isinstance(kwargs, dict) or not set(kwargs) <= GENERATE_SETTINGS:
+        return None
+    if not all(value is None or type(value) in (bool, int, float) for value in kwargs.values()):
+        return None
+    config = getattr(getattr(model, "_module", None), "generation_config", None)
+    if config is None:
+        return None
+
+    def setting(name):
+        return kwargs[name] if kwargs.get(name) is not None else getattr(config, name, None)
+
+    if setting("do_sample") or (setting("num_beams") or 1) != 1:
+        return None
+    most, least = kwargs.get("max_new_tokens"), setting("min_new_tokens") or 0
+    eos = getattr(config, "eos_token_id", None)
+    if eos is not None and eos != [] and not (isinstance(most, int) and least >= most):
+        return None  # an end-of-sequence token may end a row early alone, but not in the batch
+    return tuple(sorted(kwargs.items()))
+
+
+def batch_key(model, request: dict):
+    """What batch-mates must share (kind, padded token width, generation settings), or None: run alone."""
+    kind = request.get("kind")
+    if kind == "trace":
+        if request.get("kwargs"):
+            return None
+        settings = ()
+    elif kind == "generate" and hasattr(model, "generate"):
+        settings = fixed_generation(model, request.get("kwargs") or {})
+        if settings is None:
+            return None
+    else:
+        return None
+    if uses_whole_forward(request):
         return None
     inputs = request.get("inputs") or []
     texts = []
@@ -77,20 +127,21 @@ def batch_width(model, request: dict):
     tokenizer = getattr(model, "tokenizer", None)
     if not texts or tokenizer is None:
         return None
-    return max(len(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts)
+    width = max(len(tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts)
+    return (kind, width, settings)
 
 
 def plan_batches(model, jobs: list, max_batch: int) -> list:
     """Split ``jobs`` (dicts with ``request``) into groups that may share a forward, keeping arrival order."""
     groups, open_groups = [], {}
     for job in jobs:
-        width = batch_width(model, job["request"])
-        if width is None:
+        key = batch_key(model, job["request"])
+        if key is None:
             groups.append([job])
             continue
-        group = open_groups.get(width)
+        group = open_groups.get(key)
         if group is None or len(group) >= max_batch:
-            group = open_groups[width] = []
+            group = open_groups[key] = []
             groups.append(group)
         group.append(job)
     return groups
@@ -125,13 +176,14 @@ class _Group:
         # own scope, which can hold none of its batch-mates' objects.
         self.saved = {}
         self.outer = _UNSET  # the block context running when the group began (None in a worker)
+        self.settings = None  # (kind, generation settings) of the first request: all must equal it
 
 
 class GroupTracer(Tracer):
     """A request's trace in a co-batch: records the block, then waits for the shared forward."""
 
-    def __init__(self, model, inputs, group):
-        super().__init__(model, inputs, {})
+    def __init__(self, model, inputs, group, run_kwargs=None):
+        super().__init__(model, inputs, {}, run_kwargs)
         self.group = group
         self._saved = group.saved
         self.outcome = None  # the exception of this request's own code, if it raised
@@ -167,6 +219,10 @@ class GroupTracer(Tracer):
         if self.group.batched:
             raise NNsightError("gradients are not available in a co-batched request")
         return super().backward(*args, **kwargs)
+
+
+class GroupGenerateTracer(GroupTracer, GenerateTracer):
+    """A request's generate in a co-batch: its invoke runs across the steps of one shared ``generate``."""
 
 
 class JobTimeout(BaseException):
@@ -215,8 +271,14 @@ def run_group(model, jobs: list, run_one, timeout=None, timeout_message="the job
     finished = []
 
     def make_context(kind, inputs, kwargs):
-        if kind != "trace" or kwargs:
+        # The shared pass runs with the lead's settings: every request must have asked for exactly those.
+        settings = (kind, tuple(sorted(kwargs.items())))
+        if group.settings is None:
+            group.settings = settings
+        if settings != group.settings or kind not in ("trace", "generate") or (kind == "trace" and kwargs):
             raise NNsightError("internal: a request that cannot be co-batched reached a co-batch")
+        if kind == "generate":
+            return GroupGenerateTracer(model, inputs, group, dict(kwargs))
         return GroupTracer(model, inputs, group)
 
     def start(job):

@@ -35,7 +35,7 @@ class Settings:
     threads: int = 1  # torch threads per worker
     weights_every: int = 1  # check the weights' checksum every N jobs (0: never)
     result_ttl: float = 24 * 3600.0  # seconds a finished job (status, events, result) is kept
-    co_batch: str = "any"  # which queued trace requests may share one forward: any, per-key, off
+    co_batch: str = "any"  # which queued trace and generate requests may share one forward: any, per-key, off
     max_batch: int = 8  # requests in one co-batched forward
     batch_wait_ms: float = 2.0  # how long a batch waits for more batch-mates once others are queued
     lazy: bool = False  # load each model on its first request instead of at start
