@@ -29,7 +29,9 @@ class LocalJob:
         from ..server.integrity import Integrity, refusal
         from .client import raise_remote
         from .schema import JobRequest, JobResult
-        from .serialize import decode_values
+        from .compression import CHUNK
+        from .serialize import decode_with_tensors
+        from .stream import ResultReader
 
         self.id = uuid.uuid4().hex
         wire = json.loads(json.dumps(request))  # what a server receives: JSON, validated by the schema
@@ -55,10 +57,18 @@ class LocalJob:
             outcome = refusal(problem, reloaded=False)
         if outcome is not None:
             raise_remote(json.loads(json.dumps(outcome)), filename)
-        result = JobResult.model_validate(json.loads(json.dumps({"id": self.id, "values": tree, "tensors": blob})))
+        # the result read back as a client reads a download: the same JSON, chunk by chunk
+        data = json.dumps({"id": self.id, "values": tree, "tensors": blob}).encode()
+        del tree, blob
+        reader = ResultReader()
+        for start in range(0, len(data), CHUNK):
+            reader.feed(data[start:start + CHUNK])
+        del data
+        body, tensors = reader.finish()
+        result = JobResult.model_validate(body)
         from ..tracing.cache import Cache
 
-        self._values = decode_values(result.values, result.tensors, cache=lambda calls: Cache.from_calls(model, calls))
+        self._values = decode_with_tensors(result.values, tensors, cache=lambda calls: Cache.from_calls(model, calls))
 
     def wait(self, timeout=None) -> dict:
         return self._values
