@@ -30,3 +30,12 @@ class Holder:
 
     def get(self) -> torch.Tensor:
         return self.value
+
+
+class Pair:
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+
+def uses_class(p: Pair, scale: float = SCALE) -> Pair:
+    return Pair(p.a * scale, p.b)

@@ -154,6 +154,8 @@ def test_annotations_equal_the_local_ones():
     holder = rt(a.Holder)
     assert holder.__annotations__ == {"value": torch.Tensor, "extra": "typing.Any"}
     assert rt(a.Holder.get).__annotations__ == {"return": torch.Tensor}
+    uses, Pair = rt([a.uses_class, a.Pair])  # a class sent by value: the annotation is the rebuilt class
+    assert uses.__annotations__ == {"p": Pair, "scale": float, "return": Pair}
 
 
 def test_annotations_reading_names_the_server_lacks_travel_as_text():
