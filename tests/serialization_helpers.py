@@ -63,15 +63,6 @@ async def async_collect(n):
     return [x async for x in async_gen(n)] + [y async for y in async_gen(1)]
 
 
-def drive(coroutine):
-    """Run a coroutine that never suspends, as remote code can (there is no event loop there)."""
-    try:
-        coroutine.send(None)
-    except StopIteration as stop:
-        return stop.value
-    raise RuntimeError("the coroutine suspended")
-
-
 LAMBDAS = (lambda x: x + 1, lambda x, y=SCALE: x * y)  # noqa: E731
 NESTED = lambda x: (lambda y: y * 2)(x) + 1  # noqa: E731
 

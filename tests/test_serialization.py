@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("RestrictedPython")
 
 import serialization_helpers as h  # noqa: E402
+from remote_corpus import drive  # noqa: E402
 from nnsight.intervention.serialization import dumps, loads  # noqa: E402
 from nnsight.remote import SandboxError, UnsupportedValue  # noqa: E402
 
@@ -112,12 +113,12 @@ def test_async_functions_and_async_generators_round_trip():
     import inspect
 
     back = rt(h.async_fn)
-    assert inspect.iscoroutinefunction(back) and h.drive(back(7)) == h.drive(h.async_fn(7)) == 7
+    assert inspect.iscoroutinefunction(back) and drive(back(7)) == drive(h.async_fn(7)) == 7
     scaled = rt(h.async_scaled)
     t = torch.arange(3.0)
-    assert torch.equal(h.drive(scaled(t, k=3)), h.drive(h.async_scaled(t, k=3)))
+    assert torch.equal(drive(scaled(t, k=3)), drive(h.async_scaled(t, k=3)))
     assert inspect.isasyncgenfunction(rt(h.async_gen))
-    assert h.drive(rt(h.async_collect)(4)) == h.drive(h.async_collect(4)) == asyncio.run(h.async_collect(4))
+    assert drive(rt(h.async_collect)(4)) == drive(h.async_collect(4)) == asyncio.run(h.async_collect(4))
 
 
 def test_coroutines_expose_only_send_throw_close_to_remote_code():
