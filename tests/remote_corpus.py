@@ -46,6 +46,57 @@ def is_odd(n):
     return False if n == 0 else is_even(n - 1)
 
 
+async def scaled_async(t, k: float = SCALE):
+    return await plain_async(t) * k
+
+
+async def plain_async(t):
+    return t + 1
+
+
+async def rows_async(t):
+    for row in t[0]:
+        yield row.sum()
+
+
+async def sum_rows_async(t):
+    return sum([s async for s in rows_async(t)])
+
+
+def drive(coroutine):
+    """Remote code has no event loop: a coroutine that never suspends is run by ``send(None)``."""
+    try:
+        coroutine.send(None)
+    except StopIteration as stop:
+        return stop.value
+    raise RuntimeError("the coroutine suspended")
+
+
+def block_async_function_driven_by_send(model, remote, torch):
+    with model.trace(PROMPT, remote=remote):
+        out = drive(scaled_async(model.transformer.h[0].output)).save()
+    return {"out": out}
+
+
+def block_async_generator_in_async_comprehension(model, remote, torch):
+    with model.trace(PROMPT, remote=remote):
+        coroutine = sum_rows_async(model.transformer.h[1].output)
+        try:
+            coroutine.send(None)
+        except StopIteration as stop:
+            total = stop.value.save()
+    return {"total": total}
+
+
+def block_annotated_functions(model, remote, torch):
+    import annotated_helpers as a
+
+    with model.trace(PROMPT, remote=remote):
+        out = a.annotated(model.transformer.h[0].output, 3).save()
+        other = a.unsendable(model.transformer.h[1].output, 2).save()
+    return {"out": out, "other": other}
+
+
 def block_steer_last_token(model, remote, torch):
     direction = torch.ones(32)
     coef = 0.1

@@ -49,6 +49,20 @@ async def async_fn(x):
     return x
 
 
+async def async_scaled(t, k: int = 2):
+    """Awaits another coroutine sent by value."""
+    return await async_fn(t) * k + SCALE
+
+
+async def async_gen(n):
+    for i in range(n):
+        yield i * SCALE
+
+
+async def async_collect(n):
+    return [x async for x in async_gen(n)] + [y async for y in async_gen(1)]
+
+
 LAMBDAS = (lambda x: x + 1, lambda x, y=SCALE: x * y)  # noqa: E731
 NESTED = lambda x: (lambda y: y * 2)(x) + 1  # noqa: E731
 

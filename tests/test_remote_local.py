@@ -84,3 +84,41 @@ def test_remote_inside_remote_code_is_refused_by_the_threads_own_state(model):
         other.start()
         other.join()
         assert seen  # another thread is not running remote code
+
+
+def test_a_job_that_changes_the_model_is_refused_as_the_server_refuses_it(model, monkeypatch):
+    """The server's integrity check runs after every local job; a hole in the guards (simulated here) is caught."""
+    from nnsight.sandbox.guards import Guards
+    from nnsight.server.integrity import refusal
+
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    before = weight.detach().clone()
+    monkeypatch.setattr(Guards, "is_shared", lambda self, tensor: False)  # the guards no longer see the weights
+    try:
+        with pytest.raises(SandboxError) as caught:
+            with model.trace("Hello", remote="local"):
+                w = model.transformer.h[0].mlp.c_fc.weight.detach()  # shares the weight's memory
+                w[0] += 1  # in place, on the model's own weight
+                out = model.lm_head.output.save()
+        assert not torch.equal(weight.detach(), before)  # the write did happen: only the integrity check saw it
+        expected = refusal("the model's parameters, buffers, hooks or module attributes changed", reloaded=False)
+        assert str(caught.value) == expected["message"]
+        assert "it was refused" in str(caught.value) and "build it again" in str(caught.value)
+    finally:
+        with torch.no_grad():
+            weight.copy_(before)
+    monkeypatch.undo()
+    with model.trace("Hello", remote="local"):  # an untouched model passes the same check
+        out = model.lm_head.output.save()
+    with model.trace("Hello"):
+        oracle = model.lm_head.output.save()
+    assert torch.allclose(out, oracle)
+
+
+def test_the_served_and_local_refusals_differ_only_in_what_happens_to_the_model():
+    from nnsight.server.integrity import refusal
+
+    served, local = refusal("x changed"), refusal("x changed", reloaded=False)
+    assert served["type"] == local["type"] == "SandboxError"
+    assert served["message"] == "the job changed the served model (x changed); it was refused and the model reloaded"
+    assert local["message"].split(" and ")[0] == served["message"].split(" and ")[0]

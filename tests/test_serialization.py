@@ -11,6 +11,7 @@ import torch
 pytest.importorskip("RestrictedPython")
 
 import serialization_helpers as h  # noqa: E402
+from remote_corpus import drive  # noqa: E402
 from nnsight.intervention.serialization import dumps, loads  # noqa: E402
 from nnsight.remote import SandboxError, UnsupportedValue  # noqa: E402
 
@@ -42,12 +43,6 @@ def test_keyword_defaults_and_generators():
     assert rt(h.plain)(1.0, k=3, shift=2.0) == h.plain(1.0, k=3, shift=2.0)
     assert rt(h.plain)(1.0) == h.plain(1.0)
     assert list(rt(h.counter_gen)(3)) == list(h.counter_gen(3))
-
-
-def test_async_functions_are_refused_by_name():
-    with pytest.raises(SandboxError, match="async"):
-        rt(h.async_fn)
-    assert asyncio.run(h.async_fn(1)) == 1
 
 
 def test_tensor_function_uses_the_allowed_torch():
@@ -112,3 +107,74 @@ def test_the_same_values_inside_a_remote_trace(gpt2_module, gpt2_tokenizer):
             scaled = (scaled * child).save()
         results[flag] = scaled
     assert torch.allclose(results[False], results["local"])
+
+
+def test_async_functions_and_async_generators_round_trip():
+    import inspect
+
+    back = rt(h.async_fn)
+    assert inspect.iscoroutinefunction(back) and drive(back(7)) == drive(h.async_fn(7)) == 7
+    scaled = rt(h.async_scaled)
+    t = torch.arange(3.0)
+    assert torch.equal(drive(scaled(t, k=3)), drive(h.async_scaled(t, k=3)))
+    assert inspect.isasyncgenfunction(rt(h.async_gen))
+    assert drive(rt(h.async_collect)(4)) == drive(h.async_collect(4)) == asyncio.run(h.async_collect(4))
+
+
+def test_coroutines_expose_only_send_throw_close_to_remote_code():
+    from nnsight.sandbox.guards import Guards
+
+    guards = Guards(torch.nn.Module())
+    coroutine = h.async_fn(1)
+    assert guards.getattr(coroutine, "send") == coroutine.send
+    for name in ("cr_frame", "cr_code", "cr_await"):
+        with pytest.raises(SandboxError, match="only aclose, asend"):
+            guards.getattr(coroutine, name)
+    coroutine.close()
+    agen = h.async_gen(1)
+    with pytest.raises(SandboxError, match="not available"):
+        guards.getattr(agen, "ag_frame")
+    step = guards.getattr(agen, "asend")(None)
+    with pytest.raises(SandboxError, match="not available"):
+        guards.getattr(step, "gi_frame")
+    step.close()
+
+
+def test_annotations_equal_the_local_ones():
+    import annotated_helpers as a
+
+    assert h.plain.__annotations__ == {"k": "int"}  # a `from __future__ import annotations` file: strings
+    assert rt(h.plain).__annotations__ == h.plain.__annotations__
+    assert rt(h.async_scaled).__annotations__ == h.async_scaled.__annotations__
+    back = rt(a.annotated)
+    assert back.__annotations__ == a.annotated.__annotations__  # evaluated on the rebuilding side, in the sandbox
+    assert back.__annotations__["t"] == torch.Tensor and back.__annotations__["names"] == list[int] | None
+    assert back.__doc__ == a.annotated.__doc__ and back.__defaults__ == a.annotated.__defaults__
+    t = torch.ones(2)
+    assert torch.equal(back(t, 3), a.annotated(t, 3))
+    holder = rt(a.Holder)
+    assert holder.__annotations__ == {"value": torch.Tensor, "extra": "typing.Any"}
+    assert rt(a.Holder.get).__annotations__ == {"return": torch.Tensor}
+    uses, Pair = rt([a.uses_class, a.Pair])  # a class sent by value: the annotation is the rebuilt class
+    assert uses.__annotations__ == {"p": Pair, "scale": float, "return": Pair}
+
+
+def test_annotations_reading_names_the_server_lacks_travel_as_text():
+    import annotated_helpers as a
+
+    back = rt(a.unsendable)
+    assert back.__annotations__ == {"t": "typing.Optional[torch.Tensor]", "k": "typing.Any", "return": "dict[str, typing.Any]"}
+    assert torch.equal(back(torch.ones(2), 2), a.unsendable(torch.ones(2), 2))
+
+
+def test_rewritten_annotations_keep_the_users_line_numbers():
+    import traceback
+
+    import annotated_helpers as a
+
+    lines = []
+    for fn in (a.multiline, rt(a.multiline)):
+        with pytest.raises(ZeroDivisionError) as caught:
+            fn({}, None)
+        lines.append(traceback.extract_tb(caught.value.__traceback__)[-1].lineno)
+    assert lines[0] == lines[1]

@@ -12,6 +12,7 @@ use what the server provides (see ``wire.IMPORTABLE_MODULES``).
 
 from __future__ import annotations
 
+import __future__
 import ast
 import inspect
 import os
@@ -21,7 +22,7 @@ import textwrap
 import types
 
 from .serialize import Encoder, UnsupportedValue
-from .wire import IMPORTABLE_MODULES
+from .wire import IMPORTABLE_MODULES, SANDBOX_BUILTINS
 
 class ByValueModules:
     """Module names whose code is sent by value (``nnsight.register``); one per process, grows only by user calls."""
@@ -165,8 +166,8 @@ class ByValue:
             "to send that package's code by value"
         )
 
-    def _read_globals(self, name, source, code, namespace):
-        # names read by defaults, annotations and bodies: all evaluated where the def runs
+    def _read_globals(self, name, source, code, namespace) -> set:
+        """Encode the globals ``source`` reads (defaults, annotations, bodies); returns the names sent."""
         names = {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name)}
         if code is not None:
             names |= _global_names(code)
@@ -176,6 +177,7 @@ class ByValue:
                     self.globals[ref] = self._encoder.encode(namespace[ref], f"global {ref!r} of {name!r}")
                 except UnsupportedValue:
                     continue  # attribute names also appear in co_names; a missing one fails remotely with NameError
+        return {ref for ref in names if ref in namespace and ref in self.globals}
 
     def _function(self, fn):
         key = id(fn)
@@ -185,7 +187,6 @@ class ByValue:
         if not is_local_module(module):
             raise self._not_local("function", fn.__qualname__, module)
         name, source, lineno = _function_source(fn, len(self._defs))
-        source = _without_defaults(source)
         entry = self._defs[key] = {"name": name, "source": source, "lineno": lineno, "filename": fn.__code__.co_filename}
         if fn.__defaults__:  # values as evaluated where the def ran, not re-evaluated remotely
             entry["defaults"] = self._encoder.encode(list(fn.__defaults__), f"defaults of function {name!r}")
@@ -202,7 +203,9 @@ class ByValue:
             closure[var] = self._encoder.encode(value, f"closure variable {var!r} of function {name!r}")
         if closure:
             entry["closure"] = closure
-        self._read_globals(name, source, fn.__code__, fn.__globals__)
+        sent = self._read_globals(name, source, fn.__code__, fn.__globals__)
+        future = bool(fn.__code__.co_flags & __future__.annotations.compiler_flag)
+        entry["source"] = _prepared_source(source, sent | set(closure) | set(SANDBOX_BUILTINS), future, fn.__annotations__)
         return name
 
     def _class(self, cls):
@@ -218,9 +221,14 @@ class ByValue:
         except (OSError, TypeError):
             raise UnsupportedValue(f"the source of class {cls.__qualname__!r} cannot be found") from None
         source = textwrap.dedent("".join(lines))
-        self._defs[key] = {"name": cls.__name__, "source": source, "lineno": first, "filename": inspect.getsourcefile(cls) or "<remote>"}
+        entry = self._defs[key] = {"name": cls.__name__, "source": source, "lineno": first,
+                                   "filename": inspect.getsourcefile(cls) or "<remote>"}
         module = sys.modules.get(cls.__module__)
-        self._read_globals(cls.__name__, source, None, vars(module) if module is not None else {})
+        namespace = vars(module) if module is not None else {}
+        sent = self._read_globals(cls.__name__, source, None, namespace)
+        # `from __future__ import annotations` binds the name `annotations` in the module to that feature
+        future = namespace.get("annotations") is __future__.annotations
+        entry["source"] = _prepared_source(source, sent | set(SANDBOX_BUILTINS), future)
         return cls.__name__
 
 
@@ -236,24 +244,74 @@ def _allowed_attribute(value):
     return None
 
 
-def _without_defaults(source: str) -> str:
-    """The ``def`` with its defaults as ``None`` and no annotations (both are evaluated where the def ran)."""
+def _prepared_source(source: str, available: set, future: bool, local_annotations=None) -> str:
+    """A ``def`` or ``class`` as sent: defaults as ``None`` (their values travel aside), annotations as the server evaluates them.
+
+    An annotation stays an expression (evaluated on the server in the sandbox, as any code) when every
+    name it reads is available there: a sandbox builtin, a sent global or closure value, or (inside the
+    definition) a name it binds itself. Otherwise, and in files under ``from __future__ import
+    annotations``, it is sent as its text, which is what such a file's ``__annotations__`` hold locally
+    (``local_annotations``: the function's own, used as they are).
+    """
     tree = ast.parse(source)
     node = tree.body[0]
-    if not isinstance(node, ast.FunctionDef):
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         return source
-    args = node.args
-    plain = not args.defaults and not any(args.kw_defaults) and node.returns is None and not any(
-        a.annotation is not None for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg] if a)
-    if plain:
+    inside = available | _bound_names(node)
+    edits = []  # (expression node, the text replacing it)
+
+    def annotation(expr, key=None):
+        if expr is None:
+            return
+        if future and key is not None and isinstance((local_annotations or {}).get(key), str):
+            edits.append((expr, repr(local_annotations[key])))
+        elif future or not {n.id for n in ast.walk(expr) if isinstance(n, ast.Name)} <= (inside if key is None else available):
+            edits.append((expr, repr(ast.unparse(expr))))
+
+    function = not isinstance(node, ast.ClassDef)
+    for inner in ast.walk(node):
+        if isinstance(inner, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            own = function and inner is node  # the function's own annotations are read in its module's scope
+            args = inner.args
+            for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
+                if a is not None:
+                    annotation(a.annotation, a.arg if own else None)
+            annotation(inner.returns, "return" if own else None)
+        elif isinstance(inner, ast.ClassDef):  # class-level `x: T` is evaluated when the class is made
+            for stmt in inner.body:
+                if isinstance(stmt, ast.AnnAssign):
+                    annotation(stmt.annotation)
+    if function:
+        edits += [(d, "None") for d in node.args.defaults + node.args.kw_defaults if d is not None]
+    return _replace_spans(source, edits)
+
+
+def _replace_spans(source: str, edits) -> str:
+    """``source`` with each node's text replaced, keeping every other line where it was (tracebacks name the user's lines)."""
+    if not edits:
         return source
-    args.defaults = [ast.Constant(None) for _ in args.defaults]
-    args.kw_defaults = [None if d is None else ast.Constant(None) for d in args.kw_defaults]
-    for a in args.posonlyargs + args.args + args.kwonlyargs + [args.vararg, args.kwarg]:
-        if a is not None:
-            a.annotation = None
-    node.returns = None
-    return "\n" * (node.lineno - 1 - len(node.decorator_list)) + ast.unparse(tree) + "\n"
+    lines = [line.encode("utf-8") for line in source.splitlines(True)]  # ast offsets count UTF-8 bytes
+    for expr, text in sorted(edits, key=lambda e: (e[0].lineno, e[0].col_offset), reverse=True):
+        first, last = expr.lineno - 1, expr.end_lineno - 1
+        # a backslash-newline per line the node spanned keeps the following lines in place
+        new = text.encode("utf-8") + b" \\\n" * (last - first)
+        lines[first:last + 1] = [lines[first][:expr.col_offset] + new + lines[last][expr.end_col_offset:]]
+    return b"".join(lines).decode("utf-8")
+
+
+def _bound_names(node) -> set:
+    """Names a function binds anywhere in its body (parameters, assignments, definitions, imports)."""
+    names = set()
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load):
+            names.add(n.id)
+        elif isinstance(n, ast.arg):
+            names.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and n is not node:
+            names.add(n.name)
+        elif isinstance(n, ast.alias):
+            names.add((n.asname or n.name).split(".")[0])
+    return names
 
 
 def _code_shape(code):

@@ -26,8 +26,9 @@ import types
 from ..tracing.envoy import Envoy
 from ..sandbox.errors import SandboxError
 from ..tracing.tracer import BlockContext
-from .schema import PROTOCOL_VERSION, TERMINAL
-from .serialize import Encoder, UnsupportedValue, decode_values
+from .schema import PROTOCOL_VERSION, TERMINAL, JobResult
+from .serialize import UnsupportedValue, decode_with_tensors
+from .stream import ResultReader
 from . import compression
 from .byvalue import ByValue
 from .versions import check_response, version_headers
@@ -253,17 +254,19 @@ class RemoteJob:
         return Cache.from_calls(self.model, calls)
 
     def result(self) -> dict:
-        """The saved values (downloaded once; zstd-compressed when large, with a progress bar)."""
+        """The saved values (downloaded once, zstd-compressed when large, with a progress bar, decoded as they arrive)."""
         if self._values is None:
             http = _session()
             headers = {**_headers(), **compression.request_headers()}
             with http.get(_url(f"/v1/jobs/{self.id}/result"), headers=headers, stream=True,
                           timeout=_config().API.TIMEOUT) as response:
                 _check(response, self.filename)
-                raw = compression.download(response, f"job {self.id[:8]}", show_progress=self.log and _config().APP.REMOTE_LOGGING)
-            body = json.loads(raw)
-            del raw
-            self._values = decode_values(body["values"], body.get("tensors"), cache=self._cache_of)
+                reader = ResultReader()  # the tensors are decoded as they arrive: one copy in memory
+                for part in compression.chunks(response, f"job {self.id[:8]}", show_progress=self.log and _config().APP.REMOTE_LOGGING):
+                    reader.feed(part)
+            body, tensors = reader.finish()
+            result = JobResult.model_validate(body)
+            self._values = decode_with_tensors(result.values, tensors, cache=self._cache_of)
         return self._values
 
 

@@ -1,7 +1,8 @@
-"""Large results travel zstd-compressed, and download with a progress bar into one buffer.
+"""Large results travel zstd-compressed, and download with a progress bar, chunk by chunk.
 
     body, headers = compress_body(raw, request.headers.get("accept-encoding"))   # server
-    data = download(response, "job 1234")                                          # client: the JSON bytes
+    for part in chunks(response, "job 1234"):                                     # client: at most CHUNK bytes each
+        reader.feed(part)                                                          # (see stream.ResultReader)
 
 Bodies under ``MIN_BYTES`` are sent as they are (compression would cost more than it saves).
 Without the ``zstandard`` package on either side, bodies are sent uncompressed.
@@ -40,16 +41,30 @@ def request_headers() -> dict:
     return {"Accept-Encoding": "zstd, identity" if _zstd() is not None else "identity"}
 
 
-def download(response, label: str, show_progress: bool = True) -> bytearray:
-    """The body of a streamed ``requests`` response, decompressed chunk by chunk into one buffer."""
+class _Counted:
+    """``response.raw`` as a file the zstd reader pulls from; the progress bar counts what arrived."""
+
+    def __init__(self, raw, bar):
+        self.raw, self.bar = raw, bar
+
+    def read(self, size=-1):
+        data = self.raw.read(size if size and size > 0 else CHUNK, decode_content=False)
+        if self.bar is not None:
+            self.bar.update(len(data))
+        return data
+
+
+def chunks(response, label: str, show_progress: bool = True):
+    """The body of a streamed ``requests`` response, decompressed, in pieces of at most ``CHUNK`` bytes.
+
+    However well the body compresses, no piece is larger: memory stays bounded while it downloads.
+    """
     encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
     total = int(response.headers.get("Content-Length") or 0)
-    decompress = None
     if encoding == "zstd":
         zstd = _zstd()
         if zstd is None:
             raise RuntimeError("the server sent a zstd-compressed result; install the zstandard package")
-        decompress = zstd.ZstdDecompressor().decompressobj()
     elif encoding not in ("identity", ""):
         raise RuntimeError(f"the server sent a result with an unexpected Content-Encoding {encoding!r}")
     bar = None
@@ -57,16 +72,30 @@ def download(response, label: str, show_progress: bool = True) -> bytearray:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {label}", file=sys.stderr, leave=False)
-    out = bytearray()
+    source = _Counted(response.raw, bar)
     try:
-        while True:
-            chunk = response.raw.read(CHUNK, decode_content=False)
-            if not chunk:
-                break
-            out += decompress.decompress(chunk) if decompress is not None else chunk
-            if bar is not None:
-                bar.update(len(chunk))
+        if encoding == "zstd":
+            with zstd.ZstdDecompressor().stream_reader(source, read_size=CHUNK, read_across_frames=True,
+                                                       closefd=False) as reader:
+                while True:
+                    part = reader.read(CHUNK)
+                    if not part:
+                        break
+                    yield part
+        else:
+            while True:
+                part = source.read(CHUNK)
+                if not part:
+                    break
+                yield part
     finally:
         if bar is not None:
             bar.close()
+
+
+def download(response, label: str, show_progress: bool = True) -> bytearray:
+    """The whole decompressed body in one buffer (for small bodies; results are read with ``chunks``)."""
+    out = bytearray()
+    for part in chunks(response, label, show_progress):
+        out += part
     return out

@@ -368,7 +368,11 @@ def encode_values(values: dict, **finders) -> tuple[dict, str | None]:
 
 
 def decode_values(tree: dict, blob: str | None, max_bytes=None, **resolvers) -> dict:
-    tensors = load_tensors(blob, max_bytes)
+    return decode_with_tensors(tree, load_tensors(blob, max_bytes), **resolvers)
+
+
+def decode_with_tensors(tree: dict, tensors: dict, **resolvers) -> dict:
+    """``decode_values`` with the tensors already read (``stream.ResultReader`` reads them as they download)."""
     decoder = Decoder(tensors, **resolvers)
     if not isinstance(tree, dict):
         raise ValueError("values must be an object")

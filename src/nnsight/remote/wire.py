@@ -18,6 +18,17 @@ IMPORTABLE_MODULES = (
     "math", "einops", "nnsight", "functools", "dataclasses",
 )
 
+# The builtins remote code sees (besides print, hasattr, None/True/False), read by the sandbox and by
+# the client deciding which annotations the server can evaluate.
+SANDBOX_BUILTINS = tuple(
+    "abs all any ascii bin bool callable chr complex dict divmod enumerate filter float frozenset "
+    "hash hex int isinstance issubclass iter len list map max min next oct ord pow range repr "
+    "reversed round set slice sorted str sum tuple zip ArithmeticError AssertionError AttributeError "
+    "Exception IndexError KeyError LookupError NameError NotImplementedError OverflowError RuntimeError "
+    "StopIteration TypeError ValueError ZeroDivisionError UnboundLocalError super property staticmethod "
+    "classmethod".split()
+)
+
 BUILTIN_ERRORS = (
     "ArithmeticError", "AssertionError", "AttributeError", "IndexError", "KeyError", "LookupError", "NameError",
     "NotImplementedError", "OverflowError", "RuntimeError", "StopIteration", "TypeError", "ValueError",

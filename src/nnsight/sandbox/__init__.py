@@ -5,7 +5,7 @@ Layers, outermost first:
 1. ``policy.check_source``: a static AST check of the user's source (no dunder or
    ``_guard_``-style names, which start *and* end with ``_``; imports only from
    ``remote.wire.IMPORTABLE_MODULES``; no eval/exec/open/getattr/type/...; classes
-   only with allowed dunder methods and no metaclass; no ``global`` or ``async``;
+   only with allowed dunder methods and no metaclass; no ``global`` or ``async with``;
    no ``out=`` keywords), plus size limits.
 2. ``policy.restricted_compile``: RestrictedPython's transformer on the code the
    tracing engine generates, so every attribute read, item read, iteration,

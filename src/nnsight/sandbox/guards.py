@@ -20,6 +20,7 @@ import torch
 from RestrictedPython.Guards import guarded_iter_unpack_sequence, guarded_unpack_sequence
 
 from ..remote.serialize import Namespace
+from ..remote.wire import SANDBOX_BUILTINS
 from ..tracing.envoy import Envoy
 from ..tracing.source import CalledSourceAccessor, OperationEnvoy, SourceAccessor
 from ..tracing.values import ValueAccess
@@ -76,6 +77,13 @@ class _TensorTypeMeta(type):
 
     def __subclasscheck__(cls, sub):
         return isinstance(sub, type) and issubclass(sub, torch.Tensor)
+
+    # An annotation `torch.Tensor` evaluated in remote code equals the client's `torch.Tensor`.
+    def __eq__(cls, other):
+        return cls is other or other is torch.Tensor
+
+    def __hash__(cls):
+        return hash(torch.Tensor)
 
 
 class TensorType(metaclass=_TensorTypeMeta):
@@ -168,6 +176,25 @@ _ENVOY_API = frozenset(
      "source"}
 )
 _TRACER_API = frozenset({"invoke", "stop", "barrier", "iter", "all", "next", "cache", "result"})
+def _awaitable_types():
+    """The types of coroutines, async generators and the awaitables ``asend``/``athrow`` return."""
+    import types
+
+    async def agen():
+        yield
+
+    ag = agen()
+    asend, athrow = ag.asend(None), ag.athrow(GeneratorExit)
+    found = (types.CoroutineType, types.AsyncGeneratorType, type(asend), type(athrow))
+    asend.close()
+    athrow.close()
+    return found
+
+
+# Driving them by hand (there is no event loop in remote code); never their frames or code.
+_AWAITABLES = _awaitable_types()
+_AWAITABLE_API = frozenset({"send", "throw", "close", "asend", "athrow", "aclose"})
+
 _PLAIN = (int, float, complex, bool, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 _CONTAINERS = (list, tuple, dict, set, frozenset, range, slice)
 
@@ -427,7 +454,13 @@ class Guards:
         if isinstance(obj, BaseException):
             if name == "args":
                 return obj.args
-            _deny(f"exception.{name} is not available in remote code (only .args)")
+            if name == "value" and isinstance(obj, StopIteration):  # what a finished coroutine returned
+                return obj.value
+            _deny(f"exception.{name} is not available in remote code (only .args, and StopIteration.value)")
+        if isinstance(obj, _AWAITABLES):
+            if name in _AWAITABLE_API and hasattr(obj, name):
+                return getattr(obj, name)
+            _deny(f"{type(obj).__name__}.{name} is not available in remote code (only {', '.join(sorted(_AWAITABLE_API))})")
         if type(obj).__name__ == "GeneratorEnvoy" and name == "output":
             return obj.output
         _deny(f"reading .{name} of a {type(obj).__name__} object is not allowed in remote code")
@@ -544,15 +577,7 @@ class Guards:
     # -- the globals of one job -----------------------------------------------------
 
     def builtins(self, print_fn):
-        names = (
-            "abs all any ascii bin bool callable chr complex dict divmod enumerate filter float frozenset "
-            "hash hex int isinstance issubclass iter len list map max min next oct ord pow range repr "
-            "reversed round set slice sorted str sum tuple zip ArithmeticError AssertionError AttributeError "
-            "Exception IndexError KeyError LookupError NameError NotImplementedError OverflowError RuntimeError "
-            "StopIteration TypeError ValueError ZeroDivisionError UnboundLocalError super property staticmethod "
-            "classmethod"
-        ).split()
-        safe = {name: getattr(builtins, name) for name in names}
+        safe = {name: getattr(builtins, name) for name in SANDBOX_BUILTINS}
         safe.update(
             {
                 "print": print_fn,

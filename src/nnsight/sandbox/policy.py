@@ -18,7 +18,6 @@ from __future__ import annotations
 import ast
 import re
 
-from RestrictedPython import compile_restricted_exec
 from RestrictedPython.transformer import RestrictingNodeTransformer
 
 from ..remote.wire import IMPORTABLE_MODULES
@@ -134,9 +133,11 @@ class _Checker(ast.NodeVisitor):
                 self.visit(stmt)
 
     def visit_AsyncFunctionDef(self, node):
-        self.fail(node, "async code is not allowed in remote code")
+        self._name(node, node.name, "function name")
+        self.generic_visit(node)
 
-    visit_AsyncFor = visit_AsyncWith = visit_Await = visit_AsyncFunctionDef
+    def visit_AsyncWith(self, node):
+        self.fail(node, "'async with' is not allowed in remote code")
 
     def visit_Global(self, node):
         self.fail(node, "'global' is not allowed in remote code")
@@ -279,6 +280,28 @@ class RemotePolicy(RestrictingNodeTransformer):
             return node
         return super().visit_Name(node)
 
+    def visit_AsyncFunctionDef(self, node):
+        """``async def``: checked as ``def``. Remote code has no event loop; a block drives a coroutine by ``.send(None)``."""
+        self.check_name(node, node.name, allow_magic_methods=True)
+        self.check_function_argument_names(node)
+        with self.print_info.new_print_scope():
+            node = self.node_contents_visit(node)
+            self.inject_print_collector(node)
+        return node
+
+    def visit_Await(self, node):
+        # Only coroutines remote code made are awaitable: classes it defines cannot name __await__.
+        return self.node_contents_visit(node)
+
+    def visit_AsyncFor(self, node):
+        # `_getiter_` guards synchronous iteration; only async generators remote code made have __aiter__.
+        return self.node_contents_visit(node)
+
+    def visit_comprehension(self, node):
+        if node.is_async:
+            return self.node_contents_visit(node)
+        return super().visit_comprehension(node)
+
     def visit_Nonlocal(self, node):
         for name in node.names:
             self.check_name(node, name)
@@ -301,11 +324,18 @@ FORBIDDEN_NAMES_RP = frozenset({"printed", "_print", "_print_"})
 
 
 def restricted_compile(module: ast.Module, filename: str):
-    """Compile an AST through the remote policy (the engine's ``compile`` hook on the server)."""
-    result = compile_restricted_exec(module, filename, policy=RemotePolicy)
-    if result.errors:
-        raise SandboxError("; ".join(result.errors))
-    return result.code
+    """Compile an AST through the remote policy (the engine's ``compile`` hook on the server).
+
+    Compiled without inheriting ``__future__`` flags (``compile_restricted_exec`` would pass on those of
+    its own module, making every annotation a string): annotations are evaluated, in the sandbox, as in
+    the user's own file (the client sends the annotations of a ``from __future__ import annotations``
+    file as strings).
+    """
+    errors, warnings, used = [], [], {}
+    RemotePolicy(errors, warnings, used).visit(module)
+    if errors:
+        raise SandboxError("; ".join(errors))
+    return compile(module, filename, "exec", dont_inherit=True)
 
 
 def compile_user_function(text: str, filename: str, closure=()):
@@ -315,7 +345,7 @@ def compile_user_function(text: str, filename: str, closure=()):
               a factory that binds them and returns the function
     """
     tree = check_source(text, filename)
-    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.ClassDef)):
+    if len(tree.body) != 1 or not isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
         raise SandboxError(f"{filename}: a function or class sent for remote use must be a single `def` or `class` statement")
     definition = tree.body[0]
     if closure:

@@ -4,6 +4,7 @@
     ...run a job...
     integrity.reset()                 # drop gradients the job left
     problem = integrity.check()       # None, or what changed (the worker then exits and is replaced)
+    refusal(problem)                  # the ErrorInfo every job of that run is failed with
 
 Checked: parameters/buffers (identity, storage, shape, dtype, version counter), hooks and
 attributes of every module, the module classes, torch's global switches, tracing hooks
@@ -31,6 +32,14 @@ class Integrity:
         self.torch_state = self._torch_state()
         self.crc = self._crc() if weights_every else None
         self.torch = torch
+        # what was already there (none on a server; remote="local" may check a model traced or edited before)
+        self.slots = self._slots()
+        self.edits = len(getattr(model, "_edits", None) or ())
+
+    def _slots(self):
+        from ..tracing.interleaver import installed_slots
+
+        return installed_slots(self.module)
 
     def _state(self):
         out = []
@@ -64,8 +73,6 @@ class Integrity:
 
     def check(self, jobs: int = 1) -> str | None:
         """What changed, or None; ``jobs``: how many jobs ran since the last check (a co-batch runs several)."""
-        from ..tracing.interleaver import installed_slots
-
         before = self.jobs
         self.jobs += jobs
         if self._state() != self.state:
@@ -75,11 +82,21 @@ class Integrity:
                 return f"the class {cls.__name__} changed"
         if self._torch_state() != self.torch_state:
             return "torch's global state changed"
-        if installed_slots(self.module):
+        if self._slots() > self.slots:
             return "a tracing hook was left on the model"
-        if getattr(self.model, "_edits", None):
+        if len(getattr(self.model, "_edits", None) or ()) > self.edits:
             return "persistent edits were left on the model"
         due = self.weights_every and self.jobs // self.weights_every > before // self.weights_every
         if due and self._crc() != self.crc:
             return "the model's weights changed"
         return None
+
+
+def refusal(problem: str, reloaded: bool = True) -> dict:
+    """The ``ErrorInfo`` (a dict) of a job after which ``check`` found ``problem``.
+
+    reloaded: whether the model is reloaded (the server replaces its worker); ``remote="local"`` cannot.
+    """
+    after = "the model reloaded" if reloaded else 'the model keeps the change (remote="local" cannot reload it: build it again)'
+    return {"type": "SandboxError", "message": f"the job changed the served model ({problem}); it was refused and {after}",
+            "traceback": []}

@@ -26,6 +26,7 @@ import threading
 import time
 
 from . import models
+from .integrity import refusal
 from .protocol import ProtocolError, read_msg, write_msg
 
 _EOF = object()
@@ -290,9 +291,9 @@ class WorkerSupervisor:
                     self._restart(why)
                     return
                 if kind == "tainted":
+                    info = refusal(str(message.get("reason")))
                     for job_id in pending - cancelled:
-                        self.hub.failed(job_id, "SandboxError",
-                                        f"the job changed the served model ({message.get('reason')}); it was refused and the model reloaded")
+                        self.hub.failed(job_id, info["type"], info["message"])
                     self._restart("model changed")
                     return
                 if kind == "group":
