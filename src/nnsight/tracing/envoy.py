@@ -133,7 +133,21 @@ class TreeOptions:
 
 
 class Envoy(ValueAccess):
-    """Stands in for one ``torch.nn.Module`` of the traced model."""
+    """Stands in for one ``torch.nn.Module`` of the traced model.
+
+        model = Envoy(net, rename={"layers": "blocks"})   # a root: the same as NNsight(net, ...)
+        with model.trace(x):
+            out = model.output.save()
+    """
+
+    def __new__(cls, *args, **kwargs):
+        # nnsight 0.8.1 builds the tree from one class, so ``Envoy(module)`` there is a root that
+        # traces. Here the root is ``NNsight``: an ``Envoy`` made with no root is one.
+        if cls is Envoy and len(args) == 1 and not kwargs.keys() & {"path", "root", "parent"}:
+            from ..modeling.base import NNsight
+
+            return super().__new__(NNsight)
+        return super().__new__(cls)
 
     def __init__(self, module: torch.nn.Module, path: str = "model", root: "Envoy | None" = None, parent=None):
         if root is None:

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from .capture import SkipBlock, bind, capture, read_scope
-from .errors import NNsightError, user_traceback
+from .errors import NNsightDeprecationWarning, NNsightError, user_traceback
 from .interleaver import Interleaver, LoopEnd, ResultRequest, StepRequest, current_mediator
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -433,7 +433,7 @@ def _without_legacy(kwargs: dict) -> dict:
     warnings.warn(
         f"trace option(s) {', '.join(f'{k}=' for k in legacy)} of older nnsight versions have no effect here: "
         "use `with model.scan(...):` for a shapes-only run (errors already name the module and shapes)",
-        FutureWarning,
+        NNsightDeprecationWarning,
         stacklevel=4,
     )
     return {k: v for k, v in kwargs.items() if k not in Tracer._LEGACY_OPTIONS}
