@@ -43,3 +43,21 @@ def test_stop_keeps_values_and_skips_the_rest(seq):
     assert torch.equal(first, seq[0](x)) and calls == []
     with pytest.raises(UnboundLocalError):
         after  # noqa: B018
+
+
+def test_envoy_of_a_plain_module_is_a_root_that_traces(seq):
+    """0.8.1 scripts build roots with ``Envoy(module, rename=...)``; the oracle is a plain forward hook."""
+    from nnsight import Envoy
+
+    seen = []
+    handle = seq[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    x = torch.rand(2, 5)
+    try:
+        model = Envoy(seq, rename={"0": "first"})
+        with model.trace(x):
+            hidden = model.first.output.save()
+            out = model.output.save()
+    finally:
+        handle.remove()
+    assert isinstance(model, NNsight) and model.first._module is seq[0]
+    assert torch.equal(hidden, seen[0]) and torch.equal(out, seq(x))

@@ -25,6 +25,10 @@ class NotInTraceError(NNsightError, RuntimeError):
     """``.output`` / ``.input`` touched where no model is running."""
 
 
+class SaveOutsideTraceError(NotInTraceError, ValueError):
+    """``nnsight.save(x)`` with no trace or session running (a ``ValueError`` in nnsight 0.8.1 too)."""
+
+
 class NNsightDeprecationWarning(FutureWarning):
     """What nnsight warns with when a spelling of older versions still works but does nothing or changed.
 
