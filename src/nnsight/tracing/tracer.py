@@ -175,8 +175,8 @@ class _CallLoop:
 
 def _warn_unreached(remaining, ran, what):
     warnings.warn(
-        f"tracer.iter: {what} {remaining} never ran (the model ran {ran} {what}); "
-        "the code for those iterations was skipped",
+        f"tracer.iter: {what} {remaining} never ran (the model ran {ran} {what}), "
+        "so the loop's code for them was never reached",
         stacklevel=3,
     )
 
