@@ -47,3 +47,21 @@ def test_inplace_edit_and_clear(seq):
     with model.trace(x):
         again = model[0].output.save()
     assert not torch.all(again == 0)
+
+
+def test_edit_as_tracer_and_edited_pair(seq):
+    """0.8.1's ``as (tracer, edited)`` form: the edited copy zeroes layer 0; the oracle is a forward hook."""
+    model = NNsight(seq)
+    with model.edit() as (tracer, edited):
+        edited[0].output[:] = 0
+    x = torch.rand(2, 5)
+    with edited.trace(x):
+        out = edited.output.save()
+    with model.trace(x):
+        plain = model.output.save()
+    handle = seq[0].register_forward_hook(lambda m, i, o: torch.zeros_like(o))
+    try:
+        expected = seq(x)
+    finally:
+        handle.remove()
+    assert tracer is not edited and torch.equal(out, expected) and torch.equal(plain, seq(x))

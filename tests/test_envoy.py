@@ -43,3 +43,44 @@ def test_stop_keeps_values_and_skips_the_rest(seq):
     assert torch.equal(first, seq[0](x)) and calls == []
     with pytest.raises(UnboundLocalError):
         after  # noqa: B018
+
+
+def test_envoy_of_a_plain_module_is_a_root_that_traces(seq):
+    """0.8.1 scripts build roots with ``Envoy(module, rename=...)``; the oracle is a plain forward hook."""
+    from nnsight import Envoy
+
+    seen = []
+    handle = seq[0].register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    x = torch.rand(2, 5)
+    try:
+        model = Envoy(seq, rename={"0": "first"})
+        with model.trace(x):
+            hidden = model.first.output.save()
+            out = model.output.save()
+    finally:
+        handle.remove()
+    assert isinstance(model, NNsight) and model.first._module is seq[0]
+    assert torch.equal(hidden, seen[0]) and torch.equal(out, seq(x))
+
+
+def test_replacing_a_child_module_through_its_envoy(seq):
+    """``model.layer = new_module`` (0.8.1 allows it) swaps the torch module; traces then see the new one."""
+    model = NNsight(seq)
+    old = model[2]
+    replacement = torch.nn.Linear(10, 2)
+    setattr(model, "2", replacement)
+    x = torch.rand(2, 5)
+    with model.trace(x):
+        out = model[2].output.save()
+    assert seq[2] is replacement and model[2]._module is replacement and old._module is not replacement
+    assert torch.equal(out, replacement(seq[1](seq[0](x))))
+
+
+def test_parent_root_and_filtered_modules(gpt2):
+    """The 0.8.1 tree accessors, checked against the torch module tree."""
+    model = NNsight(gpt2)
+    mlp = model.transformer.h[1].mlp
+    assert mlp.parent._module is gpt2.transformer.h[1] and mlp.root is model and model.parent is None
+    linear = model.modules(include_fn=lambda e: isinstance(e._module, torch.nn.Linear), names=True)
+    expected = [name for name, m in gpt2.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert [path for path, _ in linear] == ["model." + name for name in expected]

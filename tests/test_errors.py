@@ -76,6 +76,14 @@ def test_output_outside_trace(seq):
         model[0].output
 
 
+def test_save_outside_trace():
+    import nnsight
+
+    with pytest.raises(ValueError, match="outside a trace") as caught:
+        nnsight.save([])
+    assert isinstance(caught.value, NotInTraceError)
+
+
 def test_model_identical_after_errors(gpt2):
     ids = torch.tensor([[1, 2, 3, 4]])
     model = NNsight(gpt2)

@@ -19,6 +19,10 @@ def test_extension_api_names_are_the_implementation():
     assert Envoy is nnsight.Envoy and eproperty is ours and Mediator is engine_mediator
     assert Mediator.OutOfOrderError is OutOfOrderError is nnsight.OutOfOrderError
     assert Mediator.MissedProviderError is MissedProviderError is nnsight.MissedValueError
+    from nnsight.intervention.interleaver import OutOfOrderError as module_level
+
+    assert module_level is nnsight.OutOfOrderError
+    assert issubclass(nnsight.NNsightDeprecationWarning, FutureWarning)
     assert callable(requires_output) and callable(requires_input)
     assert isinstance(torch.zeros(1), Object)
 

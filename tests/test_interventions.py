@@ -135,3 +135,18 @@ def test_scalar_assignment_to_output(seq):
         model[0].output = 0
         out = model.output.save()
     assert torch.allclose(out, seq[2](torch.zeros(2, 10)))
+
+
+def test_write_from_an_earlier_module_value(seq):
+    """``model[2].output = model[0].output[...]`` (value first, as Python does) equals a hand-patched forward."""
+    model = NNsight(seq)
+    x = torch.rand(3, 5)
+    with model.trace(x):
+        model[2].output = model[0].output[:, :2]
+        out = model.output.save()
+    with model.trace(x):
+        model[2].output[:] = model[0].output[:, 2:4] * 2
+        sliced = model.output.save()
+    hidden = seq[0](x)
+    assert torch.equal(out, hidden[:, :2])
+    assert torch.equal(sliced, hidden[:, 2:4] * 2)

@@ -137,3 +137,29 @@ def test_source_under_an_accelerate_dispatched_model(gpt2, gpt2_tokenizer):
     assert torch.allclose(gelu, seen[0])
     assert torch.allclose(mlp_out, mlp.c_proj(torch.zeros_like(seen[0])))
     assert mlp.__dict__["forward"] is wrapper  # the wrapper is back in place
+
+
+class _MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 8)
+        self.fc2 = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_operation_skip_equals_hand_patched_forward():
+    """``model.source.self_fc1_0.skip(v)``: the forward as if ``self.fc1(x)`` had returned ``v``."""
+    from nnsight import NNsight
+
+    torch.manual_seed(0)
+    net, x, v = _MLP(), torch.rand(2, 8), torch.full((2, 8), 2.0)
+    model = NNsight(net)
+    with model.trace(x):
+        model.source.self_fc1_0.skip(v)
+        out = model.output.save()
+    assert torch.equal(out, net.fc2(torch.relu(v)))
+    with model.trace(x):
+        again = model.output.save()
+    assert torch.equal(again, net(x))  # the skip was for that trace only

@@ -13,7 +13,7 @@ from .modeling.language import LanguageModel
 from .modeling.diffusion import DiffusionModel
 from .modeling.vision_language import VisionLanguageModel
 from .modeling.transformers import TransformersModel
-from .tracing.errors import MissedValueError, NNsightError, NotInTraceError, OutOfOrderError
+from .tracing.errors import MissedValueError, NNsightDeprecationWarning, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 from .ndif import get_local_env, is_model_running, register, status
 
@@ -32,6 +32,7 @@ __all__ = [
     "OutOfOrderError",
     "MissedValueError",
     "NotInTraceError",
+    "NNsightDeprecationWarning",
     "register",
     "status",
     "is_model_running",

@@ -462,6 +462,11 @@ def _reads_value(expr) -> bool:
     return False
 
 
+def _reads_any_value(expr) -> bool:
+    """Whether ``.output``/``.input``/``.inputs`` is read anywhere in ``expr``."""
+    return any(isinstance(n, ast.Attribute) and n.attr in _VALUE_ATTRS for n in ast.walk(expr))
+
+
 class _SaveRewriter(ast.NodeTransformer):
     """Rewrites inside a block that keep it free of global patching and make writes land in order.
 
@@ -469,7 +474,10 @@ class _SaveRewriter(ast.NodeTransformer):
     ``m.output = value`` -> ``__nnsight_assign__(m, "output", lambda: value)`` and
     ``m.output[0][:] = value`` -> ``t = m.output[0]; t[:] = value``: the model position
     is reached *before* ``value`` is evaluated, so a value another invoke produces
-    at that same position is ready (the README's cross-invoke example).
+    at that same position is ready (the README's cross-invoke example). A ``value`` that
+    reads a module's value itself (``h[1].output = h[0].output``) is left to Python's
+    order, value first: its module runs before the target, so waiting for the target
+    first would pass it.
     """
 
     _backward_count = 0
@@ -506,7 +514,7 @@ class _SaveRewriter(ast.NodeTransformer):
 
     def visit_Assign(self, node):
         self.generic_visit(node)
-        if len(node.targets) != 1:
+        if len(node.targets) != 1 or _reads_any_value(node.value):
             return node
         target = node.targets[0]
         if isinstance(target, ast.Attribute) and target.attr in _VALUE_ATTRS:

@@ -7,6 +7,8 @@
     with model.trace("Hello"):              # the original is untouched
         ...
 
+``with model.edit() as (tracer, edited):`` (nnsight 0.8.1's form) binds the edit's tracer too.
+
 Options of ``model.edit(inplace=False)``:
     inplace   edit ``model`` itself instead of returning an edited copy
 ``model.clear_edits()`` removes every edit. The edit's code is captured once,
@@ -15,6 +17,8 @@ as an extra invoke over the whole batch before the trace's own invokes.
 """
 
 from __future__ import annotations
+
+import ast
 
 from .errors import NNsightError
 from .tracer import BlockContext
@@ -28,6 +32,11 @@ class EditTracer(BlockContext):
         self.inplace = inplace
 
     def _entered(self):
+        # nnsight 0.8.1 binds ``(tracer, edited)``; scripts unpack it with ``as (tracer, edited)``.
+        # A two-name target gets that pair, a single name the edited model.
+        target = self._block.node.items[0].optional_vars
+        if isinstance(target, (ast.Tuple, ast.List)) and len(target.elts) == 2:
+            return self, self.target
         return self.target
 
     def implicit_invoke(self, body):

@@ -133,7 +133,21 @@ class TreeOptions:
 
 
 class Envoy(ValueAccess):
-    """Stands in for one ``torch.nn.Module`` of the traced model."""
+    """Stands in for one ``torch.nn.Module`` of the traced model.
+
+        model = Envoy(net, rename={"layers": "blocks"})   # a root: the same as NNsight(net, ...)
+        with model.trace(x):
+            out = model.output.save()
+    """
+
+    def __new__(cls, *args, **kwargs):
+        # nnsight 0.8.1 builds the tree from one class, so ``Envoy(module)`` there is a root that
+        # traces. Here the root is ``NNsight``: an ``Envoy`` made with no root is one.
+        if cls is Envoy and len(args) == 1 and not kwargs.keys() & {"path", "root", "parent"}:
+            from ..modeling.base import NNsight
+
+            return super().__new__(NNsight)
+        return super().__new__(cls)
 
     def __init__(self, module: torch.nn.Module, path: str = "model", root: "Envoy | None" = None, parent=None):
         if root is None:
@@ -197,9 +211,9 @@ class Envoy(ValueAccess):
                 object.__setattr__(self, name, value)
                 return
             object.__setattr__(self, name, value)
-        elif name in self._module._modules:
-            raise AttributeError(f"cannot replace the child module {self._display}.{name} through its envoy")
         else:
+            # A module here (new or replacing a child) lands on the torch module; the child
+            # envoy is rebuilt on the next access, since it no longer wraps that module.
             setattr(self._module, name, value)
 
     def __getitem__(self, key):
@@ -254,9 +268,26 @@ class Envoy(ValueAccess):
                 envoy = getattr(envoy, part)
         return envoy
 
-    def modules(self, include_self=True):
-        """Every envoy below this one (module tree order)."""
-        return [envoy for _, envoy in self.named_modules(include_self)]
+    def modules(self, include_self=True, *, include_fn=None, names=False):
+        """Every envoy below this one (module tree order).
+
+            model.modules(include_fn=lambda e: isinstance(e._module, torch.nn.Linear), names=True)
+
+        ``include_fn`` keeps only the envoys it returns true for; ``names=True`` gives
+        ``(path, envoy)`` pairs (both as in nnsight 0.8.1).
+        """
+        kept = [e for _, e in self.named_modules(include_self) if include_fn is None or include_fn(e)]
+        return [(e.path, e) for e in kept] if names else kept
+
+    @property
+    def parent(self) -> "Envoy | None":
+        """The envoy this one is a child of (``None`` on the root)."""
+        return self._parent
+
+    @property
+    def root(self) -> "Envoy":
+        """The model's envoy, the top of the tree."""
+        return self._root
 
     def named_modules(self, include_self=True):
         """``(dotted name relative to this envoy, envoy)`` pairs, like ``nn.Module.named_modules``."""

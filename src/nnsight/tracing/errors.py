@@ -25,6 +25,19 @@ class NotInTraceError(NNsightError, RuntimeError):
     """``.output`` / ``.input`` touched where no model is running."""
 
 
+class SaveOutsideTraceError(NotInTraceError, ValueError):
+    """``nnsight.save(x)`` with no trace or session running (a ``ValueError`` in nnsight 0.8.1 too)."""
+
+
+class NNsightDeprecationWarning(FutureWarning):
+    """What nnsight warns with when a spelling of older versions still works but does nothing or changed.
+
+        warnings.filterwarnings("ignore", category=nnsight.NNsightDeprecationWarning)
+
+    A ``FutureWarning``, so it shows wherever the call is (as in nnsight 0.8.1).
+    """
+
+
 def is_internal(filename: str) -> bool:
     return filename.startswith(_PACKAGE_DIR) or filename.endswith(_TORCH_MODULE_FILE)
 

@@ -316,6 +316,10 @@ class OperationEnvoy(ValueAccess):
             raise NNsightError(f"{self._display}.{what} is only available inside a trace")
         return mediator
 
+    def skip(self, value):
+        """Do not make this call in the current forward; the code sees ``value`` as its result."""
+        self._mediator("skip()").skip(self, value)
+
     def __repr__(self):
         return f"<operation {self._display}>"
 

@@ -28,7 +28,7 @@ import warnings
 import torch
 
 from .capture import SkipBlock, bind, capture, read_scope
-from .errors import NNsightError, user_traceback
+from .errors import NNsightDeprecationWarning, NNsightError, SaveOutsideTraceError, user_traceback
 from .interleaver import Interleaver, LoopEnd, ResultRequest, StepRequest, current_mediator
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,8 +175,8 @@ class _CallLoop:
 
 def _warn_unreached(remaining, ran, what):
     warnings.warn(
-        f"tracer.iter: {what} {remaining} never ran (the model ran {ran} {what}); "
-        "the code for those iterations was skipped",
+        f"tracer.iter: {what} {remaining} never ran (the model ran {ran} {what}), "
+        "so the loop's code for them was never reached",
         stacklevel=3,
     )
 
@@ -433,7 +433,7 @@ def _without_legacy(kwargs: dict) -> dict:
     warnings.warn(
         f"trace option(s) {', '.join(f'{k}=' for k in legacy)} of older nnsight versions have no effect here: "
         "use `with model.scan(...):` for a shapes-only run (errors already name the module and shapes)",
-        FutureWarning,
+        NNsightDeprecationWarning,
         stacklevel=4,
     )
     return {k: v for k, v in kwargs.items() if k not in Tracer._LEGACY_OPTIONS}
@@ -482,7 +482,16 @@ def _mark_saved(value, context=None):
 
 
 def save(value):
-    """``nnsight.save(value)``: the function form of ``value.save()``."""
+    """``nnsight.save(value)``: the function form of ``value.save()``.
+
+    Outside any trace or session there is nothing to return the value from, so it raises
+    (a ``ValueError``, as in nnsight 0.8.1) rather than doing nothing.
+    """
+    if current_mediator() is None and _running.context is None:
+        raise SaveOutsideTraceError(
+            "nnsight.save() was called outside a trace: it marks a value to keep after the "
+            "enclosing `with model.trace(...):` (or session) block, so call it inside one"
+        )
     _mark_saved(value)
     return value
 
