@@ -382,3 +382,53 @@ def test_saved_values_die_when_the_user_drops_them(seq):
         del hidden
     gc.collect()
     assert sum(ref() is not None for ref in refs) == 0
+
+
+def test_compiling_a_block_leaves_the_parse_of_its_file_unchanged():
+    """Blocks are rewritten from the cached parse of their file, which other blocks share (a
+    session's body holds its traces): compiling one must not change that parse."""
+    import ast
+    import sys
+
+    from nnsight.tracing.capture import SourceCache
+
+    cache = SourceCache()
+    found = []
+
+    class Grab:
+        def __enter__(self):
+            block = cache.capture(sys._getframe(1))
+            before = ast.dump(block.node, include_attributes=True)
+            block.compiled()
+            found.append((before, ast.dump(block.node, include_attributes=True)))
+
+        def __exit__(self, *exc):
+            return False
+
+    def every_rewrite(model, tracer, loss, t):
+        with Grab():
+            if False:
+                hidden = model[0].output.save()
+                model[1].output = hidden * 2
+                model[1].output[0][:] = 0
+                with tracer.iter[1:3] as step:
+                    model[0].output.save()
+                for step in tracer.all():
+                    model[0].input.save()
+                with loss.backward():
+                    grad = t.grad.save()
+                    t.grad = grad * 2
+
+    def invokes(model, tracer):
+        with Grab():
+            if False:
+                with tracer.invoke(1):
+                    a = model[0].output.save()
+                with tracer.invoke(2):
+                    b = (a + model[0].output).save()
+
+    every_rewrite(None, None, None, None)
+    invokes(None, None)
+    assert len(found) == 2
+    for before, after in found:
+        assert before == after

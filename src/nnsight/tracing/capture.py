@@ -247,14 +247,39 @@ _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
-class _NameUse(ast.NodeVisitor):
-    """Names a list of statements binds and reads in its own scope."""
+class _Visitor(ast.NodeVisitor):
+    """``ast.NodeVisitor`` with a cheaper walk of a node's fields (no generators): blocks are
+    analysed on the first trace at each call site, where this is most of the cost."""
+
+    def generic_visit(self, node):
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if type(value) is list:
+                for item in value:
+                    if isinstance(item, ast.AST):
+                        self.visit(item)
+            elif isinstance(value, ast.AST):
+                self.visit(value)
+
+    def visit_Load(self, node):  # the context of every name: nothing inside
+        pass
+
+    visit_Store = visit_Del = visit_Load
+
+
+class _NameUse(_Visitor):
+    """Names a list of statements binds and reads in its own scope (``invokes``: whether a
+    ``with x.invoke(...)`` is anywhere inside)."""
 
     def __init__(self, skip_invokes=False):
         self.assigned: set[str] = set()
         self.loaded: set[str] = set()
         self.globals: set[str] = set()
         self.skip_invokes = skip_invokes
+        self.invokes = False
+
+    def _comprehension_scope(self):
+        return _NameUse()
 
     def visit_Name(self, node):
         (self.assigned if isinstance(node.ctx, (ast.Store, ast.Del)) else self.loaded).add(node.id)
@@ -269,6 +294,7 @@ class _NameUse(ast.NodeVisitor):
         for stmt in node.body:
             inner.visit(stmt)
         self.loaded |= inner.loaded  # closures read the block's names
+        self.invokes |= inner.invokes
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
@@ -280,6 +306,7 @@ class _NameUse(ast.NodeVisitor):
         for stmt in node.body:
             inner.visit(stmt)
         self.loaded |= inner.loaded - inner.assigned  # a class body's own names stay in the class
+        self.invokes |= inner.invokes
 
     def visit_Lambda(self, node):
         inner = _NameUse()
@@ -287,7 +314,7 @@ class _NameUse(ast.NodeVisitor):
         self.loaded |= inner.loaded
 
     def _visit_comprehension(self, node):
-        inner = _NameUse()
+        inner = self._comprehension_scope()
         inner.generic_visit(node)
         self.loaded |= inner.loaded
         # A walrus inside a comprehension binds in the enclosing scope.
@@ -314,11 +341,85 @@ class _NameUse(ast.NodeVisitor):
     visit_Nonlocal = visit_Global
 
     def visit_With(self, node):
-        if self.skip_invokes and _is_invoke(node):
-            for item in node.items:
-                self.visit(item)
-            return
+        if _is_invoke(node):
+            self.invokes = True
+            if self.skip_invokes:
+                for item in node.items:
+                    self.visit(item)
+                return
         self.generic_visit(node)
+
+
+class _Scan(_NameUse):
+    """What a block's body needs to be compiled, in one walk: its names (as ``_NameUse``),
+    whether it has explicit invokes, and a refusal of statements that would leave the block
+    early (nnsight runs the body itself, so ``return``/``yield``/``await``/a bare ``break``
+    cannot work)."""
+
+    def __init__(self, filename):
+        super().__init__()
+        self.filename = filename
+        self.loops = 0
+        self.checking = True  # off in a def's or class's header, which runs where it is written
+
+    def _comprehension_scope(self):
+        inner = _Scan(self.filename)
+        inner.checking = self.checking
+        return inner
+
+    def _refuse(self, node, what):
+        if not self.checking:
+            return
+        raise SyntaxError(
+            f"{self.filename}:{node.lineno}: `{what}` directly inside a `with model.trace(...)` block is not "
+            "supported, because nnsight runs the block's body itself, alongside the model. Save the value and "
+            f"use `{what}` after the block."
+        )
+
+    def visit_Return(self, node):
+        self._refuse(node, "return")
+        self.generic_visit(node)
+
+    def visit_Yield(self, node):
+        self._refuse(node, "yield")
+        self.generic_visit(node)
+
+    visit_YieldFrom = visit_Yield
+
+    def visit_Await(self, node):
+        self._refuse(node, "await")
+        self.generic_visit(node)
+
+    def _loop(self, node):
+        self.loops += 1
+        self.generic_visit(node)
+        self.loops -= 1
+
+    visit_For = visit_While = visit_AsyncFor = _loop
+
+    def visit_Break(self, node):
+        if not self.loops:
+            self._refuse(node, "break")
+
+    def visit_Continue(self, node):
+        if not self.loops:
+            self._refuse(node, "continue")
+
+    def visit_FunctionDef(self, node):
+        checking, self.checking = self.checking, False
+        try:
+            super().visit_FunctionDef(node)
+        finally:
+            self.checking = checking
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node):
+        checking, self.checking = self.checking, False
+        try:
+            super().visit_ClassDef(node)
+        finally:
+            self.checking = checking
 
 
 def _names(stmts, skip_invokes=False) -> _NameUse:
@@ -406,6 +507,76 @@ def _reads_before_assigning(stmts) -> set[str]:
     return use.reads_first
 
 
+class _Transformer(ast.NodeVisitor):
+    """``ast.NodeTransformer`` that leaves its input alone: a node whose children change is copied.
+
+        new_stmt = _SaveRewriter().visit(stmt)   # stmt, shared with the file's cached tree, is unchanged
+
+    So a block is rewritten from the cached parse of its file, without a private parse of its own.
+    A visit method returns its node, a replacement, or a list of replacements (in a list field).
+    """
+
+    def generic_visit(self, node):
+        changed = None
+        for name in node._fields:
+            old = getattr(node, name, None)
+            if type(old) is list:
+                new = None
+                for i, item in enumerate(old):
+                    value = self.visit(item) if isinstance(item, ast.AST) else item
+                    if value is not item and new is None:
+                        new = old[:i]
+                    if new is not None:
+                        if type(value) is list:
+                            new.extend(value)
+                        else:
+                            new.append(value)
+                if new is not None:
+                    changed = changed or {}
+                    changed[name] = new
+            elif isinstance(old, ast.AST):
+                value = self.visit(old)
+                if value is not old:
+                    changed = changed or {}
+                    changed[name] = value
+        if changed is None:
+            return node
+        copy = type(node).__new__(type(node))
+        copy.__dict__.update(node.__dict__)
+        copy.__dict__.update(changed)
+        return copy
+
+
+_LOCATED = (ast.expr, ast.stmt, ast.excepthandler, ast.arg, ast.keyword, ast.alias, ast.pattern)
+
+
+def _loc(node, ref):
+    """Give generated ``node`` and its generated descendants ``ref``'s location; returns ``node``.
+
+    Every node built here goes through this once, so a node that has a location (the user's
+    own, or one built earlier) is located throughout and is not entered again; that keeps the
+    cost to the generated nodes rather than a walk of the whole block.
+    """
+    where = (ref.lineno, ref.col_offset, getattr(ref, "end_lineno", None) or ref.lineno,
+             getattr(ref, "end_col_offset", None) or ref.col_offset)
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        d = item.__dict__
+        if "lineno" in d:
+            if item is not node:
+                continue
+        elif isinstance(item, _LOCATED):
+            d["lineno"], d["col_offset"], d["end_lineno"], d["end_col_offset"] = where
+        for name in item._fields:
+            value = d.get(name)
+            if type(value) is list:
+                stack.extend(v for v in value if isinstance(v, ast.AST))
+            elif isinstance(value, ast.AST):
+                stack.append(value)
+    return node
+
+
 def _rewrite(stmts, rewriter=None):
     """Apply ``_SaveRewriter`` (after ``rewriter``) to statements; a statement may become several."""
     out = []
@@ -420,13 +591,13 @@ def _is_backward(node) -> bool:
     return isinstance(node, ast.With) and len(node.items) == 1 and _call_attr(node.items[0].context_expr) == "backward"
 
 
-class _GradRewriter(ast.NodeTransformer):
+class _GradRewriter(_Transformer):
     """Inside ``with loss.backward():``, ``t.grad`` waits for the gradient and ``t.grad = g`` replaces it."""
 
     def visit_Attribute(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if node.attr == "grad" and isinstance(node.ctx, ast.Load) and not (isinstance(node.value, ast.Name) and node.value.id == RT):
-            return ast.copy_location(
+            return _loc(
                 ast.Call(func=ast.Attribute(ast.Name(RT, ast.Load()), "grad", ast.Load()), args=[node.value], keywords=[]),
                 node,
             )
@@ -441,9 +612,8 @@ class _GradRewriter(ast.NodeTransformer):
                 args=[self.visit(target.value), _lambda(value)],
                 keywords=[],
             )
-            return ast.copy_location(ast.Expr(call), node)
-        self.generic_visit(node)
-        return node
+            return _loc(ast.Expr(call), node)
+        return self.generic_visit(node)
 
 
 def _lambda(body):
@@ -462,7 +632,7 @@ def _reads_value(expr) -> bool:
     return False
 
 
-class _SaveRewriter(ast.NodeTransformer):
+class _SaveRewriter(_Transformer):
     """Rewrites inside a block that keep it free of global patching and make writes land in order.
 
     ``x.save()`` -> ``__nnsight_save__(x)``; ``with tracer.iter[...] as i:`` -> ``for i in ...:``;
@@ -502,10 +672,10 @@ class _SaveRewriter(ast.NodeTransformer):
         out.append(ast.Expr(run))
         if node.items[0].optional_vars is not None:
             raise SyntaxError("`with tensor.backward() as name:` binds nothing; drop the `as` part")
-        return [ast.copy_location(stmt, node) for stmt in out]
+        return [_loc(stmt, node) for stmt in out]
 
     def visit_Assign(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if len(node.targets) != 1:
             return node
         target = node.targets[0]
@@ -517,11 +687,11 @@ class _SaveRewriter(ast.NodeTransformer):
             call = ast.Call(
                 func=ast.Name(ASSIGN, ast.Load()), args=[target.value, ast.Constant(target.attr), lazy], keywords=[]
             )
-            return ast.copy_location(ast.Expr(call), node)
+            return _loc(ast.Expr(call), node)
         if isinstance(target, ast.Subscript) and _reads_value(target.value):
             base = target.value
-            first = ast.copy_location(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=base), node)
-            second = ast.copy_location(
+            first = _loc(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=base), node)
+            second = _loc(
                 ast.Assign(
                     targets=[ast.Subscript(value=ast.Name(TARGET, ast.Load()), slice=target.slice, ctx=ast.Store())],
                     value=node.value,
@@ -532,9 +702,9 @@ class _SaveRewriter(ast.NodeTransformer):
         return node
 
     def visit_Call(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if isinstance(node.func, ast.Attribute) and node.func.attr == "save":
-            return ast.copy_location(
+            return _loc(
                 ast.Call(
                     func=ast.Name(SAVE, ast.Load()),
                     args=[node.func.value, *node.args],
@@ -547,28 +717,28 @@ class _SaveRewriter(ast.NodeTransformer):
     def visit_With(self, node):
         if _is_backward(node):
             return self._backward(node)
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if _is_iter(node):
             item = node.items[0]
             target = item.optional_vars or ast.Name("__nnsight_step__", ast.Store())
-            loop = ast.copy_location(ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[]), node)
-            return _ending_loop(loop)
+            return _ending_loop(ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[]), node)
         return node
 
     def visit_For(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if _call_attr(node.iter) in ("iter", "all"):
-            return _ending_loop(node)
+            return _ending_loop(ast.For(target=node.target, iter=node.iter, body=node.body, orelse=node.orelse), node)
         return node
 
 
-def _ending_loop(loop: ast.For) -> ast.For:
-    """``for step in tracer.iter[...]:`` whose body ends the loop when the model makes no more calls."""
+def _ending_loop(loop: ast.For, where) -> ast.For:
+    """``for step in tracer.iter[...]:`` (a new node, at ``where``) whose body ends the loop when
+    the model makes no more calls."""
     handler = ast.ExceptHandler(
         type=ast.Attribute(ast.Name(RT, ast.Load()), "LoopEnd", ast.Load()), name=None, body=[ast.Break()]
     )
-    loop.body = [ast.copy_location(ast.Try(body=loop.body, handlers=[handler], orelse=[], finalbody=[]), loop)]
-    return loop
+    loop.body = [ast.Try(body=loop.body, handlers=[handler], orelse=[], finalbody=[])]
+    return _loc(loop, where)
 
 
 @dataclass
@@ -605,7 +775,7 @@ _UNBOUND = _Unbound()
 
 
 def _nonlocal(names, node):
-    return [ast.copy_location(ast.Nonlocal(names=sorted(names)), node)] if names else []
+    return [_loc(ast.Nonlocal(names=sorted(names)), node)] if names else []
 
 
 def _function(name, body, node, nonlocals, defaults=()):
@@ -623,10 +793,10 @@ def _function(name, body, node, nonlocals, defaults=()):
     )
     if sys.version_info >= (3, 12):
         fn.type_params = []
-    return ast.copy_location(fn, node)
+    return _loc(fn, node)
 
 
-class _InvokeRewriter(ast.NodeTransformer):
+class _InvokeRewriter(_Transformer):
     """Rewrites each ``with x.invoke(...)`` into a registered body function.
 
     Scoping follows what each invoke's code means where it was written:
@@ -651,8 +821,7 @@ class _InvokeRewriter(ast.NodeTransformer):
 
     def visit_With(self, node):
         if not _is_invoke(node):
-            self.generic_visit(node)
-            return node
+            return self.generic_visit(node)
         n = self.count
         self.count += 1
         use = self.uses[n]
@@ -675,8 +844,8 @@ class _InvokeRewriter(ast.NodeTransformer):
         item = node.items[0]
         prefix = []
         if item.optional_vars is not None:
-            prefix.append(ast.copy_location(ast.Assign(targets=[item.optional_vars], value=ast.Name(invoker_name, ast.Load())), node))
-        register = ast.copy_location(
+            prefix.append(_loc(ast.Assign(targets=[item.optional_vars], value=ast.Name(invoker_name, ast.Load())), node))
+        register = _loc(
             ast.Expr(
                 ast.Call(
                     func=ast.Attribute(ast.Name(invoker_name, ast.Load()), "set_body", ast.Load()),
@@ -690,66 +859,19 @@ class _InvokeRewriter(ast.NodeTransformer):
             items=[ast.withitem(context_expr=item.context_expr, optional_vars=ast.Name(invoker_name, ast.Store()))],
             body=prefix + [_function(fn_name, body, node, nonlocals, snapshot), register],
         )
-        return ast.copy_location(new_with, node)
-
-
-class _ControlFlowCheck(ast.NodeVisitor):
-    """Statements that would leave the block early cannot work: nnsight runs the body itself."""
-
-    def __init__(self, filename):
-        self.filename = filename
-        self.loops = 0
-
-    def _refuse(self, node, what):
-        raise SyntaxError(
-            f"{self.filename}:{node.lineno}: `{what}` directly inside a `with model.trace(...)` block is not "
-            "supported, because nnsight runs the block's body itself, alongside the model. Save the value and "
-            f"use `{what}` after the block."
-        )
-
-    def visit_Return(self, node):
-        self._refuse(node, "return")
-
-    def visit_Yield(self, node):
-        self._refuse(node, "yield")
-
-    visit_YieldFrom = visit_Yield
-
-    def visit_Await(self, node):
-        self._refuse(node, "await")
-
-    def _loop(self, node):
-        self.loops += 1
-        self.generic_visit(node)
-        self.loops -= 1
-
-    visit_For = visit_While = visit_AsyncFor = _loop
-
-    def visit_Break(self, node):
-        if not self.loops:
-            self._refuse(node, "break")
-
-    def visit_Continue(self, node):
-        if not self.loops:
-            self._refuse(node, "continue")
-
-    def visit_FunctionDef(self, node):
-        pass
-
-    visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
+        return _loc(new_with, node)
 
 
 def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_fn=None, future_flags=0) -> tuple[object, tuple[str, ...], bool]:
-    """Compile ``with_node``'s body (a private tree: the rewriters work in place)."""
-    check = _ControlFlowCheck(filename)
-    for stmt in with_node.body:
-        check.visit(stmt)
+    """Compile ``with_node``'s body (left unchanged: the rewriters copy what they change)."""
     body = with_node.body
-    whole = _names(body)
+    whole = _Scan(filename)
+    for stmt in body:
+        whole.visit(stmt)
     all_assigned = whole.assigned - whole.globals
     referenced = whole.assigned | whole.loaded
     params = tuple(sorted(referenced & caller_locals))
-    has_invokes = any(_is_invoke(n) for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.With))
+    has_invokes = whole.invokes
     invokes_assigned = set()
 
     stmts: list[ast.stmt] = []
@@ -800,8 +922,8 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
     stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
     for stmt in stmts:
-        if not hasattr(stmt, "lineno"):  # generated here; the user's own statements keep their lines
-            ast.copy_location(stmt, with_node)
+        if "lineno" not in stmt.__dict__:  # generated here; the user's own statements keep their lines
+            _loc(stmt, with_node)
 
     fn = ast.FunctionDef(
         name="__nnsight_block__",
@@ -820,39 +942,14 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     )
     if sys.version_info >= (3, 12):
         fn.type_params = []
-    ast.copy_location(fn, with_node)
+    _loc(fn, with_node)
     module = ast.Module(body=[fn], type_ignores=[])
-    _fill_locations(module)
     if compile_fn is not None:
         code = compile_fn(module, filename)
     else:  # the user's own `from __future__` imports, not this module's
         code = compile(module, filename, "exec", flags=future_flags, dont_inherit=True)
     block_code = next(c for c in code.co_consts if getattr(c, "co_name", None) == "__nnsight_block__")
     return block_code, params, frozenset(invokes_assigned)
-
-
-# The compiler flags of `from __future__ import ...` (a block compiles with its own file's).
-def _fill_locations(tree):
-    """Give every generated node its parent's location (what ``ast.fix_missing_locations`` does, faster)."""
-    stack = [(tree, 1, 0, 1, 0)]
-    AST, located = ast.AST, (ast.expr, ast.stmt, ast.excepthandler, ast.arg, ast.keyword, ast.alias, ast.pattern)
-    while stack:
-        node, line, col, end_line, end_col = stack.pop()
-        if isinstance(node, located):
-            d = node.__dict__
-            if "lineno" in d:
-                line, col = d["lineno"], d["col_offset"]
-                end_line, end_col = d.get("end_lineno") or line, d.get("end_col_offset") or col
-            else:
-                node.lineno, node.col_offset, node.end_lineno, node.end_col_offset = line, col, end_line, end_col
-        for name in node._fields:
-            value = getattr(node, name, None)
-            if isinstance(value, list):
-                for item in value:
-                    if isinstance(item, AST):
-                        stack.append((item, line, col, end_line, end_col))
-            elif isinstance(value, AST):
-                stack.append((value, line, col, end_line, end_col))
 
 
 def _fresh_with(lines, node: ast.With, filename: str) -> ast.With:
@@ -864,6 +961,7 @@ def _fresh_with(lines, node: ast.With, filename: str) -> ast.With:
     return ast.parse("\n" * (node.lineno - 1) + text, filename).body[0]
 
 
+# The compiler flags of `from __future__ import ...` (a block compiles with its own file's).
 _FUTURE_FLAGS = sum({getattr(__future__, name).compiler_flag for name in __future__.all_feature_names})
 
 
@@ -930,7 +1028,8 @@ class CapturedBlock:
     def compiled(self) -> Block:
         """The body compiled for the local engine (once per call site)."""
         if self._compiled is None:
-            node = _fresh_with(self._lines, self.node, self.filename)
+            # A scope's own compiler may change the tree it is given: it gets a private one.
+            node = self.node if self._compile_fn is None else _fresh_with(self._lines, self.node, self.filename)
             code, params, shared = _build(node, self._caller_locals, self.filename, self._compile_fn, self._future_flags)
             self._compiled = Block(code, params, self.filename, self.lineno, shared, self.trivial)
         return self._compiled
