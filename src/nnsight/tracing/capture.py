@@ -24,7 +24,8 @@ The transformed body, for a block with explicit invokes::
 
 Every name the block assigns is a local of ``__nnsight_block__`` shared by all
 invokes through closures; that is how a value read in one invoke is usable in a
-later one. A block without explicit invokes is one implicit invoke. Inside
+later one. A block without explicit invokes is one implicit invoke, ``__nnsight_invoke__``,
+which is also its scope (its closure already holds every name). Inside
 invoke bodies, ``with tracer.iter[...] as i:`` becomes ``for i in tracer.iter[...]:``
 and ``x.save()`` becomes ``__nnsight_save__(x)``, so nothing global is patched.
 """
@@ -176,10 +177,28 @@ def _command_lines(frame) -> list[str]:
     return text.splitlines(True)
 
 
+_STATEMENT_LISTS = ("body", "orelse", "finalbody", "handlers", "cases")  # where statements nest
+
+
+def _statements(tree: ast.Module):
+    """Every statement of ``tree`` (expressions hold none, so only statement lists are entered:
+    much less than ``ast.walk`` of a whole file)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        d = node.__dict__
+        for name in _STATEMENT_LISTS:
+            items = d.get(name)
+            if items:
+                stack.extend(items)
+        if isinstance(node, ast.stmt):
+            yield node
+
+
 def _with_index(tree: ast.Module) -> dict[int, ast.With]:
     """Each ``with`` header line -> the innermost ``with`` statement that spans it."""
     index = {}
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, ast.With):
             header_end = max(node.lineno, node.body[0].lineno - 1)
             for line in range(node.lineno, header_end + 1):
@@ -557,8 +576,12 @@ def _loc(node, ref):
     own, or one built earlier) is located throughout and is not entered again; that keeps the
     cost to the generated nodes rather than a walk of the whole block.
     """
-    where = (ref.lineno, ref.col_offset, getattr(ref, "end_lineno", None) or ref.lineno,
-             getattr(ref, "end_col_offset", None) or ref.col_offset)
+    r = ref.__dict__
+    where = {
+        "lineno": r["lineno"], "col_offset": r["col_offset"],
+        "end_lineno": r.get("end_lineno") or r["lineno"], "end_col_offset": r.get("end_col_offset") or r["col_offset"],
+    }
+    AST, located = ast.AST, _LOCATED
     stack = [node]
     while stack:
         item = stack.pop()
@@ -566,13 +589,15 @@ def _loc(node, ref):
         if "lineno" in d:
             if item is not node:
                 continue
-        elif isinstance(item, _LOCATED):
-            d["lineno"], d["col_offset"], d["end_lineno"], d["end_col_offset"] = where
+        elif isinstance(item, located):
+            d.update(where)
         for name in item._fields:
             value = d.get(name)
             if type(value) is list:
-                stack.extend(v for v in value if isinstance(v, ast.AST))
-            elif isinstance(value, ast.AST):
+                for v in value:
+                    if isinstance(v, AST) and "lineno" not in v.__dict__:
+                        stack.append(v)
+            elif isinstance(value, AST) and "lineno" not in value.__dict__:
                 stack.append(value)
     return node
 
@@ -918,9 +943,13 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
                 )
             )
         )
-    everything = set(params) | all_assigned
-    stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
-    stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
+        # The body reads every parameter and declares every name it assigns nonlocal, so the
+        # invoke's own closure holds every name: it is the scope (one function less to compile).
+        stmts.append(ast.Return(ast.Name("__nnsight_invoke__", ast.Load())))
+    if has_invokes:
+        everything = set(params) | all_assigned
+        stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
+        stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
     for stmt in stmts:
         if "lineno" not in stmt.__dict__:  # generated here; the user's own statements keep their lines
             _loc(stmt, with_node)
@@ -1142,12 +1171,17 @@ def bind(frame, values: dict):
         frame.f_locals.update(values)
 
 
+_RUNTIME_NAMES = frozenset((RT, SAVE, ASSIGN, UNBOUND))  # the block function's own parameters
+
+
 def read_scope(scope_fn) -> dict:
     """Current values of every name of a finished block (unbound names are left out)."""
     values = {}
     closure = scope_fn.__closure__
     if closure:
         for name, cell in zip(scope_fn.__code__.co_freevars, closure):
+            if name in _RUNTIME_NAMES:
+                continue
             try:
                 values[name] = cell.cell_contents
             except ValueError:
