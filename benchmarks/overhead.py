@@ -137,7 +137,7 @@ def fresh_process_case(quick):
     path = pathlib.Path(folder) / "fresh_trace.py"
     path.write_text(FRESH_SCRIPT)
     firsts, seconds = [], []
-    for _ in range(3 if quick else 7):
+    for _ in range(7 if quick else 15):  # a few ms each, against a noisy start: many runs, medians
         done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, check=True)
         first, second = map(float, done.stdout.split()[-2:])
         firsts.append(first)

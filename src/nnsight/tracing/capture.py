@@ -297,9 +297,6 @@ class _NameUse(_Visitor):
         self.skip_invokes = skip_invokes
         self.invokes = False
 
-    def _comprehension_scope(self):
-        return _NameUse()
-
     def visit_Name(self, node):
         (self.assigned if isinstance(node.ctx, (ast.Store, ast.Del)) else self.loaded).add(node.id)
 
@@ -332,8 +329,8 @@ class _NameUse(_Visitor):
         inner.visit(node.body)
         self.loaded |= inner.loaded
 
-    def _visit_comprehension(self, node):
-        inner = self._comprehension_scope()
+    def _visit_comprehension(self, node, inner=None):
+        inner = inner or _NameUse()
         inner.generic_visit(node)
         self.loaded |= inner.loaded
         # A walrus inside a comprehension binds in the enclosing scope.
@@ -373,18 +370,49 @@ class _Scan(_NameUse):
     """What a block's body needs to be compiled, in one walk: its names (as ``_NameUse``),
     whether it has explicit invokes, and a refusal of statements that would leave the block
     early (nnsight runs the body itself, so ``return``/``yield``/``await``/a bare ``break``
-    cannot work)."""
+    cannot work).
+
+    ``rewrites`` turns true at anything ``_SaveRewriter`` may change (a ``.save`` call, an
+    assignment to an attribute or item, a ``with`` or ``for``, a def, class or lambda, whose
+    insides are not looked at), so a statement without any is compiled as written.
+    """
 
     def __init__(self, filename):
         super().__init__()
         self.filename = filename
         self.loops = 0
         self.checking = True  # off in a def's or class's header, which runs where it is written
+        self.rewrites = False
 
     def _comprehension_scope(self):
         inner = _Scan(self.filename)
         inner.checking = self.checking
         return inner
+
+    def _visit_comprehension(self, node):
+        inner = self._comprehension_scope()
+        super()._visit_comprehension(node, inner)
+        self.rewrites |= inner.rewrites
+
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _visit_comprehension
+
+    def visit_Call(self, node):
+        if type(node.func) is ast.Attribute and node.func.attr == "save":
+            self.rewrites = True
+        self.generic_visit(node)
+
+    def visit_Assign(self, node):
+        if len(node.targets) == 1 and type(node.targets[0]) in (ast.Attribute, ast.Subscript):
+            self.rewrites = True
+        self.generic_visit(node)
+
+    def visit_With(self, node):
+        self.rewrites = True
+        super().visit_With(node)
+
+    def visit_Lambda(self, node):
+        self.rewrites = True
+        super().visit_Lambda(node)
 
     def _refuse(self, node, what):
         if not self.checking:
@@ -410,6 +438,7 @@ class _Scan(_NameUse):
         self.generic_visit(node)
 
     def _loop(self, node):
+        self.rewrites = True
         self.loops += 1
         self.generic_visit(node)
         self.loops -= 1
@@ -425,6 +454,7 @@ class _Scan(_NameUse):
             self._refuse(node, "continue")
 
     def visit_FunctionDef(self, node):
+        self.rewrites = True
         checking, self.checking = self.checking, False
         try:
             super().visit_FunctionDef(node)
@@ -434,6 +464,7 @@ class _Scan(_NameUse):
     visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_ClassDef(self, node):
+        self.rewrites = True
         checking, self.checking = self.checking, False
         try:
             super().visit_ClassDef(node)
@@ -602,10 +633,16 @@ def _loc(node, ref):
     return node
 
 
-def _rewrite(stmts, rewriter=None):
-    """Apply ``_SaveRewriter`` (after ``rewriter``) to statements; a statement may become several."""
+def _rewrite(stmts, rewriter=None, plain=()):
+    """Apply ``_SaveRewriter`` (after ``rewriter``) to statements; a statement may become several.
+
+    ``plain``: flags, one per statement, true where it has nothing to rewrite (see ``_Scan``).
+    """
     out = []
-    for stmt in stmts:
+    for i, stmt in enumerate(stmts):
+        if plain and plain[i]:
+            out.append(stmt)
+            continue
         node = rewriter.visit(stmt) if rewriter is not None else stmt
         node = _SaveRewriter().visit(node)
         out.extend(node if isinstance(node, list) else [node])
@@ -891,8 +928,11 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     """Compile ``with_node``'s body (left unchanged: the rewriters copy what they change)."""
     body = with_node.body
     whole = _Scan(filename)
+    plain = []
     for stmt in body:
+        whole.rewrites = False
         whole.visit(stmt)
+        plain.append(not whole.rewrites)
     all_assigned = whole.assigned - whole.globals
     referenced = whole.assigned | whole.loaded
     params = tuple(sorted(referenced & caller_locals))
@@ -932,7 +972,7 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
         rewriter = _InvokeRewriter(uses, shared, eager.assigned - eager.globals)
         stmts += _rewrite(body, rewriter)
     else:
-        rewritten = _rewrite(body)
+        rewritten = _rewrite(body, plain=plain)
         stmts.append(_function("__nnsight_invoke__", rewritten, with_node, all_assigned))
         stmts.append(
             ast.Expr(
