@@ -432,3 +432,47 @@ def test_compiling_a_block_leaves_the_parse_of_its_file_unchanged():
     assert len(found) == 2
     for before, after in found:
         assert before == after
+
+
+def test_caller_variable_bound_only_later_stays_unbound_in_the_block(seq):
+    """As in plain Python: reading, updating or deleting a local the caller binds only after
+    the block fails, and one the block assigns in a branch it does not take stays unbound."""
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+
+    def reads():
+        with model.trace(x):
+            y = h  # noqa: F841
+        h = 0
+
+    def updates():
+        with model.trace(x):
+            h += 1
+        h = 0
+
+    def deletes():
+        with model.trace(x):
+            del h
+        h = 0
+
+    for fn in (reads, updates, deletes):
+        with pytest.raises(NameError):
+            fn()
+
+    def untaken_branch_in_a_session():
+        with model.session():
+            with model.trace(x):
+                if x.sum() > 1e9:
+                    h = model[0].output.save()
+                out = model[0].output.save()
+            try:
+                h  # noqa: B018 (the session sees every name the trace bound)
+                state = ["bound"]
+            except NameError:
+                state = ["unbound"]
+            state = list(state).save()
+        return state, out
+
+    state, out = untaken_branch_in_a_session()
+    assert state == ["unbound"]
+    assert torch.equal(out, seq[0](x))

@@ -383,6 +383,17 @@ class _Scan(_NameUse):
         self.loops = 0
         self.checking = True  # off in a def's or class's header, which runs where it is written
         self.rewrites = False
+        self.needs_bound: set[str] = set()  # names deleted or updated in place (`del x`, `x += 1`)
+
+    def visit_Delete(self, node):
+        for target in node.targets:
+            self.needs_bound.update(n.id for n in ast.walk(target) if type(n) is ast.Name)
+        self.generic_visit(node)
+
+    def visit_AugAssign(self, node):
+        if type(node.target) is ast.Name:
+            self.needs_bound.add(node.target.id)
+        self.generic_visit(node)
 
     def _comprehension_scope(self):
         inner = _Scan(self.filename)
@@ -940,7 +951,10 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     invokes_assigned = set()
 
     stmts: list[ast.stmt] = []
-    for name in params:  # a caller variable not yet bound must stay unbound
+    # A caller variable not yet bound must stay unbound. Without invokes, one the body only
+    # ever assigns can keep the placeholder: nothing reads it, and read_scope leaves it out.
+    unbound_checked = params if has_invokes else [n for n in params if n in whole.loaded or n in whole.needs_bound]
+    for name in unbound_checked:
         stmts.append(
             ast.If(
                 test=ast.Compare(ast.Name(name, ast.Load()), [ast.Is()], [ast.Name(UNBOUND, ast.Load())]),
@@ -1223,7 +1237,9 @@ def read_scope(scope_fn) -> dict:
             if name in _RUNTIME_NAMES:
                 continue
             try:
-                values[name] = cell.cell_contents
+                value = cell.cell_contents
             except ValueError:
-                pass
+                continue
+            if value is not _UNBOUND:  # a caller variable the block left unbound
+                values[name] = value
     return values
