@@ -106,11 +106,13 @@ def cold_case(quick):
 
 
 # The first `with model.trace` of a process, after the imports and the model: what it pays once
-# (lazily imported machinery, first compiles) shows as first minus second.
+# (lazily imported machinery, first compiles, reading its source) shows as first minus second.
+# A script has other code than the trace: 400 lines of it here.
 FRESH_SCRIPT = '''
 import sys, time
 import torch
 from nnsight import NNsight
+''' + "".join(f"\n\ndef helper_{i}(a, b):\n    c = a * b + {i}\n    return [c for _ in range(3)]\n" for i in range(80)) + '''
 
 torch.set_num_threads(1)
 model = NNsight(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)))

@@ -476,3 +476,38 @@ def test_caller_variable_bound_only_later_stays_unbound_in_the_block(seq):
     state, out = untaken_branch_in_a_session()
     assert state == ["unbound"]
     assert torch.equal(out, seq[0](x))
+
+
+def test_with_headers_over_several_lines_and_bodies_ending_in_dead_code(seq):
+    """The block is found from its own lines whatever the header's layout (a header whose call
+    is on a later line is found through the file's parse), and its last statements count even
+    when they compile to nothing (a false branch, a global)."""
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    expected = seq[0](x)
+
+    def split_call():
+        with model.trace(
+            x
+        ):
+            first = model[0].output.save()
+            if False:
+                first = None
+        return first
+
+    def parenthesized():
+        with (
+            model.trace(x)
+        ):
+            first = model[0].output.save()
+        # a comment at the function's level
+        return first
+
+    def ends_in_global():
+        with model.trace(x):
+            global _test_trace_global
+            _test_trace_global = model[0].output.save()
+        return _test_trace_global
+
+    for fn in (split_call, parenthesized, ends_in_global):
+        assert torch.equal(fn(), expected), fn.__name__

@@ -208,6 +208,48 @@ def _with_index(tree: ast.Module) -> dict[int, ast.With]:
     return index
 
 
+def _with_at(code, lineno: int, lines: list[str], filename: str) -> ast.With | None:
+    """The ``with`` statement whose ``with`` is on line ``lineno``, parsed on its own.
+
+    The compiler gives the statement's own instructions (its exit) the whole statement's
+    extent, so the longest position of ``code`` starting on that line says where it ends;
+    only those lines are parsed, not the whole file (a long script's parse is tens of ms on
+    its first trace). None where that does not give exactly one such ``with`` (a header
+    split so that the call is on a later line, or an older Python): the caller then parses
+    the file.
+    """
+    end = 0
+    for start, stop, _, _ in code.co_positions():
+        if start == lineno and stop is not None and stop > end:
+            end = stop
+    if not end or end > len(lines):
+        return None
+    # Past its end a statement's block cannot go on: a deeper line there means the code is not
+    # the text's (the sandbox runs a one-line stand-in for a job's body), so the file decides.
+    margin = lines[lineno - 1][: len(lines[lineno - 1]) - len(lines[lineno - 1].lstrip())]
+    for line in lines[end:]:
+        stripped = line.lstrip()
+        if stripped and not stripped.startswith("#"):
+            indent = line[: len(line) - len(stripped)]
+            if not margin.startswith(indent):
+                return None
+            break
+    text = "".join(lines[lineno - 1 : end])
+    indented = text[:1] in (" ", "\t")
+    if indented and lineno < 2:
+        return None
+    # Blank lines before the text give the parse the file's own line numbers.
+    source = "\n" * (lineno - 2) + "if 1:\n" + text if indented else "\n" * (lineno - 1) + text
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError:  # not a whole statement: the extent was not the with statement's
+        return None
+    body = tree.body[0].body if indented else tree.body
+    if len(body) != 1 or type(body[0]) is not ast.With or body[0].lineno != lineno or body[0].end_lineno != end:
+        return None
+    return body[0]
+
+
 def _find_with(index: dict[int, ast.With], lineno: int, filename: str) -> ast.With:
     best = index.get(lineno)
     if best is None:
@@ -215,12 +257,17 @@ def _find_with(index: dict[int, ast.With], lineno: int, filename: str) -> ast.Wi
             f"nnsight could not find the `with` statement at {filename}:{lineno}. "
             "Tracers must be used as `with model.trace(...):` blocks."
         )
+    _check_own_lines(best, filename, lineno)
+    return best
+
+
+def _check_own_lines(best: ast.With, filename: str, lineno: int):
+    """A body on the ``with`` line gets no line event of its own, so it could not be skipped."""
     if best.body[0].lineno == best.lineno:
         raise SyntaxError(
             f"{filename}:{lineno}: put the body of a `with model.trace(...)` block on its own "
             "lines; nnsight cannot skip a body written on the same line as `with`."
         )
-    return best
 
 
 def _check_first_statement(node: ast.With, filename: str):
@@ -1154,8 +1201,13 @@ class SourceCache:
         if block is not None:
             return block
         filename = code.co_filename
-        lines, index = self._file(filename, frame)
-        node = _find_with(index, frame.f_lineno, filename)
+        lines = _source_lines(filename, frame)
+        node = _with_at(code, frame.f_lineno, lines, filename)
+        if node is None:
+            lines, index = self._file(filename, lines)
+            node = _find_with(index, frame.f_lineno, filename)
+        else:
+            _check_own_lines(node, filename, frame.f_lineno)
         _check_first_statement(node, filename)
         module_level = frame.f_locals is frame.f_globals
         caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
@@ -1166,8 +1218,7 @@ class SourceCache:
         )
         return self._blocks.put(key, block)
 
-    def _file(self, filename, frame):
-        lines = _source_lines(filename, frame)
+    def _file(self, filename, lines):
         key = (filename, hash(tuple(lines)))
         known = self._files.get(key)
         if known is not None:
