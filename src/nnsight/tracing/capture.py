@@ -1182,7 +1182,7 @@ class SourceCache:
         self.max_files = max_files
         self.max_blocks = max_blocks
         self._lock = threading.Lock()  # traces in several threads share the cache
-        self._files = LRU(max_files)  # (filename, text hash) -> (lines, with index)
+        self._files = LRU(max_files)  # (filename, text hash) -> (lines, with index, or None: not parsed yet)
         self._blocks = LRU(max_blocks)  # (code object, filename, line) -> CapturedBlock
 
     def __len__(self):
@@ -1202,11 +1202,16 @@ class SourceCache:
             return block
         filename = code.co_filename
         lines = _source_lines(filename, frame)
-        node = _with_at(code, frame.f_lineno, lines, filename)
+        # A file's first block is parsed on its own (a long script's whole parse costs tens of
+        # ms); from its second, the file is parsed once and that one parse serves all its blocks.
+        file_key = (filename, hash(tuple(lines)))
+        known = self._files.get(file_key)
+        node = _with_at(code, frame.f_lineno, lines, filename) if known is None else None
         if node is None:
-            lines, index = self._file(filename, lines)
+            lines, index = self._file(file_key, lines, known)
             node = _find_with(index, frame.f_lineno, filename)
         else:
+            self._files.put(file_key, (lines, None))  # seen, not parsed
             _check_own_lines(node, filename, frame.f_lineno)
         _check_first_statement(node, filename)
         module_level = frame.f_locals is frame.f_globals
@@ -1218,12 +1223,10 @@ class SourceCache:
         )
         return self._blocks.put(key, block)
 
-    def _file(self, filename, lines):
-        key = (filename, hash(tuple(lines)))
-        known = self._files.get(key)
-        if known is not None:
+    def _file(self, key, lines, known):
+        if known is not None and known[1] is not None:
             return known
-        tree = ast.parse("".join(lines), filename)
+        tree = ast.parse("".join(lines), key[0])
         return self._files.put(key, (lines, _with_index(tree)))
 
     def filenames(self) -> set[str]:
