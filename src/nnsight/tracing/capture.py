@@ -511,23 +511,21 @@ class _Scan(_NameUse):
         if not self.loops:
             self._refuse(node, "continue")
 
-    def visit_FunctionDef(self, node):
+    def _definition(self, node, visit):
         self.rewrites = True
         checking, self.checking = self.checking, False
         try:
-            super().visit_FunctionDef(node)
+            visit(self, node)
         finally:
             self.checking = checking
+
+    def visit_FunctionDef(self, node):
+        self._definition(node, _NameUse.visit_FunctionDef)
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
     def visit_ClassDef(self, node):
-        self.rewrites = True
-        checking, self.checking = self.checking, False
-        try:
-            super().visit_ClassDef(node)
-        finally:
-            self.checking = checking
+        self._definition(node, _NameUse.visit_ClassDef)
 
 
 def _names(stmts, skip_invokes=False) -> _NameUse:
