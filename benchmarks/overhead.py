@@ -149,6 +149,51 @@ def cold_case(quick):
     return {"cold_call_site_us": (statistics.median(cold) - statistics.median(warm)) * 1e6}
 
 
+# The first `with model.trace` of a process, after the imports and the model: what it pays once
+# (lazily imported machinery, first compiles, reading its source) shows as first minus second.
+# A script has other code than the trace: 400 lines of it here.
+FRESH_SCRIPT = '''
+import sys, time
+import torch
+from nnsight import NNsight
+''' + "".join(f"\n\ndef helper_{i}(a, b):\n    c = a * b + {i}\n    return [c for _ in range(3)]\n" for i in range(80)) + '''
+
+torch.set_num_threads(1)
+model = NNsight(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)))
+x = torch.randn(1, 64)
+
+
+def trace():
+    with model.trace(x):
+        hidden = model[0].output.save()
+    return hidden
+
+
+times = []
+for _ in range(2):
+    start = time.perf_counter()
+    trace()
+    times.append(time.perf_counter() - start)
+print(times[0], times[1])
+'''
+
+
+def fresh_process_case(quick):
+    folder = tempfile.mkdtemp()
+    path = pathlib.Path(folder) / "fresh_trace.py"
+    path.write_text(FRESH_SCRIPT)
+    firsts, seconds = [], []
+    for _ in range(7 if quick else 15):  # a few ms each, against a noisy start: many runs, medians
+        done = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, check=True)
+        first, second = map(float, done.stdout.split()[-2:])
+        firsts.append(first)
+        seconds.append(second)
+    return {
+        "fresh_first_trace_ms": statistics.median(firsts) * 1e3,
+        "fresh_first_trace_extra_ms": (statistics.median(firsts) - statistics.median(seconds)) * 1e3,
+    }
+
+
 def deep_cases(quick):
     import torch
     from nnsight import NNsight
@@ -422,7 +467,8 @@ def _rss_mb():
 
 
 CASES = [
-    small_cases, floor_case, cold_case, deep_cases, scaling_case, invokes_case, memory_case, memory_hidden_case, gpt2_case,
+    small_cases, floor_case, cold_case, fresh_process_case, deep_cases, scaling_case, invokes_case, memory_case,
+    memory_hidden_case, gpt2_case,
     generate_cases, generate_long_case,
 ]
 GENERATION = (generate_cases, generate_long_case)
@@ -455,6 +501,8 @@ ROWS = [
     ("floor_fresh_greenlet_us", "floor: a fresh greenlet, started and ended (µs)", None),
     ("floor_switch_pair_us", "floor: one greenlet switch pair (µs)", None),
     ("cold_call_site_us", "first trace at a new call site, extra (µs)", None),
+    ("fresh_first_trace_ms", "first trace in a fresh process (ms)", None),
+    ("fresh_first_trace_extra_ms", "first trace in a fresh process, over the second (ms)", None),
     ("per_save_us", "per .output.save(), 100-layer (µs)", 8),
     ("per_read_write_us", "per read-and-write, 100-layer (µs)", 12),
     ("gpt2_small_12_saves_ratio", "GPT-2-small, 12 saves (traced/plain)", 1.01),

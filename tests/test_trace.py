@@ -382,3 +382,132 @@ def test_saved_values_die_when_the_user_drops_them(seq):
         del hidden
     gc.collect()
     assert sum(ref() is not None for ref in refs) == 0
+
+
+def test_compiling_a_block_leaves_the_parse_of_its_file_unchanged():
+    """Blocks are rewritten from the cached parse of their file, which other blocks share (a
+    session's body holds its traces): compiling one must not change that parse."""
+    import ast
+    import sys
+
+    from nnsight.tracing.capture import SourceCache
+
+    cache = SourceCache()
+    found = []
+
+    class Grab:
+        def __enter__(self):
+            block = cache.capture(sys._getframe(1))
+            before = ast.dump(block.node, include_attributes=True)
+            block.compiled()
+            found.append((before, ast.dump(block.node, include_attributes=True)))
+
+        def __exit__(self, *exc):
+            return False
+
+    def every_rewrite(model, tracer, loss, t):
+        with Grab():
+            if False:
+                hidden = model[0].output.save()
+                model[1].output = hidden * 2
+                model[1].output[0][:] = 0
+                with tracer.iter[1:3] as step:
+                    model[0].output.save()
+                for step in tracer.all():
+                    model[0].input.save()
+                with loss.backward():
+                    grad = t.grad.save()
+                    t.grad = grad * 2
+
+    def invokes(model, tracer):
+        with Grab():
+            if False:
+                with tracer.invoke(1):
+                    a = model[0].output.save()
+                with tracer.invoke(2):
+                    b = (a + model[0].output).save()
+
+    every_rewrite(None, None, None, None)
+    invokes(None, None)
+    assert len(found) == 2
+    for before, after in found:
+        assert before == after
+
+
+def test_caller_variable_bound_only_later_stays_unbound_in_the_block(seq):
+    """As in plain Python: reading, updating or deleting a local the caller binds only after
+    the block fails, and one the block assigns in a branch it does not take stays unbound."""
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+
+    def reads():
+        with model.trace(x):
+            y = h  # noqa: F841
+        h = 0
+
+    def updates():
+        with model.trace(x):
+            h += 1
+        h = 0
+
+    def deletes():
+        with model.trace(x):
+            del h
+        h = 0
+
+    for fn in (reads, updates, deletes):
+        with pytest.raises(NameError):
+            fn()
+
+    def untaken_branch_in_a_session():
+        with model.session():
+            with model.trace(x):
+                if x.sum() > 1e9:
+                    h = model[0].output.save()
+                out = model[0].output.save()
+            try:
+                h  # noqa: B018 (the session sees every name the trace bound)
+                state = ["bound"]
+            except NameError:
+                state = ["unbound"]
+            state = list(state).save()
+        return state, out
+
+    state, out = untaken_branch_in_a_session()
+    assert state == ["unbound"]
+    assert torch.equal(out, seq[0](x))
+
+
+def test_with_headers_over_several_lines_and_bodies_ending_in_dead_code(seq):
+    """The block is found from its own lines whatever the header's layout (a header whose call
+    is on a later line is found through the file's parse), and its last statements count even
+    when they compile to nothing (a false branch, a global)."""
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    expected = seq[0](x)
+
+    def split_call():
+        with model.trace(
+            x
+        ):
+            first = model[0].output.save()
+            if False:
+                first = None
+        return first
+
+    def parenthesized():
+        with (
+            model.trace(x)
+        ):
+            first = model[0].output.save()
+        # a comment at the function's level
+        return first
+
+    def ends_in_global():
+        with model.trace(x):
+            global _test_trace_global
+            _test_trace_global = model[0].output.save()
+        return _test_trace_global
+
+    for fn in (split_call, parenthesized, ends_in_global):
+        assert torch.equal(fn(), expected), fn.__name__

@@ -24,7 +24,8 @@ The transformed body, for a block with explicit invokes::
 
 Every name the block assigns is a local of ``__nnsight_block__`` shared by all
 invokes through closures; that is how a value read in one invoke is usable in a
-later one. A block without explicit invokes is one implicit invoke. Inside
+later one. A block without explicit invokes is one implicit invoke, ``__nnsight_invoke__``,
+which is also its scope (its closure already holds every name). Inside
 invoke bodies, ``with tracer.iter[...] as i:`` becomes ``for i in tracer.iter[...]:``
 and ``x.save()`` becomes ``__nnsight_save__(x)``, so nothing global is patched.
 """
@@ -176,10 +177,28 @@ def _command_lines(frame) -> list[str]:
     return text.splitlines(True)
 
 
+_STATEMENT_LISTS = ("body", "orelse", "finalbody", "handlers", "cases")  # where statements nest
+
+
+def _statements(tree: ast.Module):
+    """Every statement of ``tree`` (expressions hold none, so only statement lists are entered:
+    much less than ``ast.walk`` of a whole file)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        d = node.__dict__
+        for name in _STATEMENT_LISTS:
+            items = d.get(name)
+            if items:
+                stack.extend(items)
+        if isinstance(node, ast.stmt):
+            yield node
+
+
 def _with_index(tree: ast.Module) -> dict[int, ast.With]:
     """Each ``with`` header line -> the innermost ``with`` statement that spans it."""
     index = {}
-    for node in ast.walk(tree):
+    for node in _statements(tree):
         if isinstance(node, ast.With):
             header_end = max(node.lineno, node.body[0].lineno - 1)
             for line in range(node.lineno, header_end + 1):
@@ -189,6 +208,48 @@ def _with_index(tree: ast.Module) -> dict[int, ast.With]:
     return index
 
 
+def _with_at(code, lineno: int, lines: list[str], filename: str) -> ast.With | None:
+    """The ``with`` statement whose ``with`` is on line ``lineno``, parsed on its own.
+
+    The compiler gives the statement's own instructions (its exit) the whole statement's
+    extent, so the longest position of ``code`` starting on that line says where it ends;
+    only those lines are parsed, not the whole file (a long script's parse is tens of ms on
+    its first trace). None where that does not give exactly one such ``with`` (a header
+    split so that the call is on a later line, or an older Python): the caller then parses
+    the file.
+    """
+    end = 0
+    for start, stop, _, _ in code.co_positions():
+        if start == lineno and stop is not None and stop > end:
+            end = stop
+    if not end or end > len(lines):
+        return None
+    # Past its end a statement's block cannot go on: a deeper line there means the code is not
+    # the text's (the sandbox runs a one-line stand-in for a job's body), so the file decides.
+    margin = lines[lineno - 1][: len(lines[lineno - 1]) - len(lines[lineno - 1].lstrip())]
+    for line in lines[end:]:
+        stripped = line.lstrip()
+        if stripped and not stripped.startswith("#"):
+            indent = line[: len(line) - len(stripped)]
+            if not margin.startswith(indent):
+                return None
+            break
+    text = "".join(lines[lineno - 1 : end])
+    indented = text[:1] in (" ", "\t")
+    if indented and lineno < 2:
+        return None
+    # Blank lines before the text give the parse the file's own line numbers.
+    source = "\n" * (lineno - 2) + "if 1:\n" + text if indented else "\n" * (lineno - 1) + text
+    try:
+        tree = ast.parse(source, filename)
+    except SyntaxError:  # not a whole statement: the extent was not the with statement's
+        return None
+    body = tree.body[0].body if indented else tree.body
+    if len(body) != 1 or type(body[0]) is not ast.With or body[0].lineno != lineno or body[0].end_lineno != end:
+        return None
+    return body[0]
+
+
 def _find_with(index: dict[int, ast.With], lineno: int, filename: str) -> ast.With:
     best = index.get(lineno)
     if best is None:
@@ -196,12 +257,17 @@ def _find_with(index: dict[int, ast.With], lineno: int, filename: str) -> ast.Wi
             f"nnsight could not find the `with` statement at {filename}:{lineno}. "
             "Tracers must be used as `with model.trace(...):` blocks."
         )
+    _check_own_lines(best, filename, lineno)
+    return best
+
+
+def _check_own_lines(best: ast.With, filename: str, lineno: int):
+    """A body on the ``with`` line gets no line event of its own, so it could not be skipped."""
     if best.body[0].lineno == best.lineno:
         raise SyntaxError(
             f"{filename}:{lineno}: put the body of a `with model.trace(...)` block on its own "
             "lines; nnsight cannot skip a body written on the same line as `with`."
         )
-    return best
 
 
 def _check_first_statement(node: ast.With, filename: str):
@@ -247,14 +313,36 @@ _SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
 _COMPREHENSIONS = (ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp)
 
 
-class _NameUse(ast.NodeVisitor):
-    """Names a list of statements binds and reads in its own scope."""
+class _Visitor(ast.NodeVisitor):
+    """``ast.NodeVisitor`` with a cheaper walk of a node's fields (no generators): blocks are
+    analysed on the first trace at each call site, where this is most of the cost."""
+
+    def generic_visit(self, node):
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if type(value) is list:
+                for item in value:
+                    if isinstance(item, ast.AST):
+                        self.visit(item)
+            elif isinstance(value, ast.AST):
+                self.visit(value)
+
+    def visit_Load(self, node):  # the context of every name: nothing inside
+        pass
+
+    visit_Store = visit_Del = visit_Load
+
+
+class _NameUse(_Visitor):
+    """Names a list of statements binds and reads in its own scope (``invokes``: whether a
+    ``with x.invoke(...)`` is anywhere inside)."""
 
     def __init__(self, skip_invokes=False):
         self.assigned: set[str] = set()
         self.loaded: set[str] = set()
         self.globals: set[str] = set()
         self.skip_invokes = skip_invokes
+        self.invokes = False
 
     def visit_Name(self, node):
         (self.assigned if isinstance(node.ctx, (ast.Store, ast.Del)) else self.loaded).add(node.id)
@@ -269,6 +357,7 @@ class _NameUse(ast.NodeVisitor):
         for stmt in node.body:
             inner.visit(stmt)
         self.loaded |= inner.loaded  # closures read the block's names
+        self.invokes |= inner.invokes
 
     visit_AsyncFunctionDef = visit_FunctionDef
 
@@ -280,14 +369,15 @@ class _NameUse(ast.NodeVisitor):
         for stmt in node.body:
             inner.visit(stmt)
         self.loaded |= inner.loaded - inner.assigned  # a class body's own names stay in the class
+        self.invokes |= inner.invokes
 
     def visit_Lambda(self, node):
         inner = _NameUse()
         inner.visit(node.body)
         self.loaded |= inner.loaded
 
-    def _visit_comprehension(self, node):
-        inner = _NameUse()
+    def _visit_comprehension(self, node, inner=None):
+        inner = inner or _NameUse()
         inner.generic_visit(node)
         self.loaded |= inner.loaded
         # A walrus inside a comprehension binds in the enclosing scope.
@@ -314,11 +404,128 @@ class _NameUse(ast.NodeVisitor):
     visit_Nonlocal = visit_Global
 
     def visit_With(self, node):
-        if self.skip_invokes and _is_invoke(node):
-            for item in node.items:
-                self.visit(item)
-            return
+        if _is_invoke(node):
+            self.invokes = True
+            if self.skip_invokes:
+                for item in node.items:
+                    self.visit(item)
+                return
         self.generic_visit(node)
+
+
+class _Scan(_NameUse):
+    """What a block's body needs to be compiled, in one walk: its names (as ``_NameUse``),
+    whether it has explicit invokes, and a refusal of statements that would leave the block
+    early (nnsight runs the body itself, so ``return``/``yield``/``await``/a bare ``break``
+    cannot work).
+
+    ``rewrites`` turns true at anything ``_SaveRewriter`` may change (a ``.save`` call, an
+    assignment to an attribute or item, a ``with`` or ``for``, a def, class or lambda, whose
+    insides are not looked at), so a statement without any is compiled as written.
+    """
+
+    def __init__(self, filename):
+        super().__init__()
+        self.filename = filename
+        self.loops = 0
+        self.checking = True  # off in a def's or class's header, which runs where it is written
+        self.rewrites = False
+        self.needs_bound: set[str] = set()  # names deleted or updated in place (`del x`, `x += 1`)
+
+    def visit_Delete(self, node):
+        for target in node.targets:
+            self.needs_bound.update(n.id for n in ast.walk(target) if type(n) is ast.Name)
+        self.generic_visit(node)
+
+    def visit_AugAssign(self, node):
+        if type(node.target) is ast.Name:
+            self.needs_bound.add(node.target.id)
+        self.generic_visit(node)
+
+    def _comprehension_scope(self):
+        inner = _Scan(self.filename)
+        inner.checking = self.checking
+        return inner
+
+    def _visit_comprehension(self, node):
+        inner = self._comprehension_scope()
+        super()._visit_comprehension(node, inner)
+        self.rewrites |= inner.rewrites
+
+    visit_ListComp = visit_SetComp = visit_DictComp = visit_GeneratorExp = _visit_comprehension
+
+    def visit_Call(self, node):
+        if type(node.func) is ast.Attribute and node.func.attr == "save":
+            self.rewrites = True
+        self.generic_visit(node)
+
+    def visit_Assign(self, node):
+        if len(node.targets) == 1 and type(node.targets[0]) in (ast.Attribute, ast.Subscript):
+            self.rewrites = True
+        self.generic_visit(node)
+
+    def visit_With(self, node):
+        self.rewrites = True
+        super().visit_With(node)
+
+    def visit_Lambda(self, node):
+        self.rewrites = True
+        super().visit_Lambda(node)
+
+    def _refuse(self, node, what):
+        if not self.checking:
+            return
+        raise SyntaxError(
+            f"{self.filename}:{node.lineno}: `{what}` directly inside a `with model.trace(...)` block is not "
+            "supported, because nnsight runs the block's body itself, alongside the model. Save the value and "
+            f"use `{what}` after the block."
+        )
+
+    def visit_Return(self, node):
+        self._refuse(node, "return")
+        self.generic_visit(node)
+
+    def visit_Yield(self, node):
+        self._refuse(node, "yield")
+        self.generic_visit(node)
+
+    visit_YieldFrom = visit_Yield
+
+    def visit_Await(self, node):
+        self._refuse(node, "await")
+        self.generic_visit(node)
+
+    def _loop(self, node):
+        self.rewrites = True
+        self.loops += 1
+        self.generic_visit(node)
+        self.loops -= 1
+
+    visit_For = visit_While = visit_AsyncFor = _loop
+
+    def visit_Break(self, node):
+        if not self.loops:
+            self._refuse(node, "break")
+
+    def visit_Continue(self, node):
+        if not self.loops:
+            self._refuse(node, "continue")
+
+    def _definition(self, node, visit):
+        self.rewrites = True
+        checking, self.checking = self.checking, False
+        try:
+            visit(self, node)
+        finally:
+            self.checking = checking
+
+    def visit_FunctionDef(self, node):
+        self._definition(node, _NameUse.visit_FunctionDef)
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+    def visit_ClassDef(self, node):
+        self._definition(node, _NameUse.visit_ClassDef)
 
 
 def _names(stmts, skip_invokes=False) -> _NameUse:
@@ -406,10 +613,92 @@ def _reads_before_assigning(stmts) -> set[str]:
     return use.reads_first
 
 
-def _rewrite(stmts, rewriter=None):
-    """Apply ``_SaveRewriter`` (after ``rewriter``) to statements; a statement may become several."""
+class _Transformer(ast.NodeVisitor):
+    """``ast.NodeTransformer`` that leaves its input alone: a node whose children change is copied.
+
+        new_stmt = _SaveRewriter().visit(stmt)   # stmt, shared with the file's cached tree, is unchanged
+
+    So a block is rewritten from the cached parse of its file, without a private parse of its own.
+    A visit method returns its node, a replacement, or a list of replacements (in a list field).
+    """
+
+    def generic_visit(self, node):
+        changed = None
+        for name in node._fields:
+            old = getattr(node, name, None)
+            if type(old) is list:
+                new = None
+                for i, item in enumerate(old):
+                    value = self.visit(item) if isinstance(item, ast.AST) else item
+                    if value is not item and new is None:
+                        new = old[:i]
+                    if new is not None:
+                        if type(value) is list:
+                            new.extend(value)
+                        else:
+                            new.append(value)
+                if new is not None:
+                    changed = changed or {}
+                    changed[name] = new
+            elif isinstance(old, ast.AST):
+                value = self.visit(old)
+                if value is not old:
+                    changed = changed or {}
+                    changed[name] = value
+        if changed is None:
+            return node
+        copy = type(node).__new__(type(node))
+        copy.__dict__.update(node.__dict__)
+        copy.__dict__.update(changed)
+        return copy
+
+
+_LOCATED = (ast.expr, ast.stmt, ast.excepthandler, ast.arg, ast.keyword, ast.alias, ast.pattern)
+
+
+def _loc(node, ref):
+    """Give generated ``node`` and its generated descendants ``ref``'s location; returns ``node``.
+
+    Every node built here goes through this once, so a node that has a location (the user's
+    own, or one built earlier) is located throughout and is not entered again; that keeps the
+    cost to the generated nodes rather than a walk of the whole block.
+    """
+    r = ref.__dict__
+    where = {
+        "lineno": r["lineno"], "col_offset": r["col_offset"],
+        "end_lineno": r.get("end_lineno") or r["lineno"], "end_col_offset": r.get("end_col_offset") or r["col_offset"],
+    }
+    AST, located = ast.AST, _LOCATED
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        d = item.__dict__
+        if "lineno" in d:
+            if item is not node:
+                continue
+        elif isinstance(item, located):
+            d.update(where)
+        for name in item._fields:
+            value = d.get(name)
+            if type(value) is list:
+                for v in value:
+                    if isinstance(v, AST) and "lineno" not in v.__dict__:
+                        stack.append(v)
+            elif isinstance(value, AST) and "lineno" not in value.__dict__:
+                stack.append(value)
+    return node
+
+
+def _rewrite(stmts, rewriter=None, plain=()):
+    """Apply ``_SaveRewriter`` (after ``rewriter``) to statements; a statement may become several.
+
+    ``plain``: flags, one per statement, true where it has nothing to rewrite (see ``_Scan``).
+    """
     out = []
-    for stmt in stmts:
+    for i, stmt in enumerate(stmts):
+        if plain and plain[i]:
+            out.append(stmt)
+            continue
         node = rewriter.visit(stmt) if rewriter is not None else stmt
         node = _SaveRewriter().visit(node)
         out.extend(node if isinstance(node, list) else [node])
@@ -420,13 +709,13 @@ def _is_backward(node) -> bool:
     return isinstance(node, ast.With) and len(node.items) == 1 and _call_attr(node.items[0].context_expr) == "backward"
 
 
-class _GradRewriter(ast.NodeTransformer):
+class _GradRewriter(_Transformer):
     """Inside ``with loss.backward():``, ``t.grad`` waits for the gradient and ``t.grad = g`` replaces it."""
 
     def visit_Attribute(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if node.attr == "grad" and isinstance(node.ctx, ast.Load) and not (isinstance(node.value, ast.Name) and node.value.id == RT):
-            return ast.copy_location(
+            return _loc(
                 ast.Call(func=ast.Attribute(ast.Name(RT, ast.Load()), "grad", ast.Load()), args=[node.value], keywords=[]),
                 node,
             )
@@ -441,9 +730,8 @@ class _GradRewriter(ast.NodeTransformer):
                 args=[self.visit(target.value), _lambda(value)],
                 keywords=[],
             )
-            return ast.copy_location(ast.Expr(call), node)
-        self.generic_visit(node)
-        return node
+            return _loc(ast.Expr(call), node)
+        return self.generic_visit(node)
 
 
 def _lambda(body):
@@ -467,7 +755,7 @@ def _reads_any_value(expr) -> bool:
     return any(isinstance(n, ast.Attribute) and n.attr in _VALUE_ATTRS for n in ast.walk(expr))
 
 
-class _SaveRewriter(ast.NodeTransformer):
+class _SaveRewriter(_Transformer):
     """Rewrites inside a block that keep it free of global patching and make writes land in order.
 
     ``x.save()`` -> ``__nnsight_save__(x)``; ``with tracer.iter[...] as i:`` -> ``for i in ...:``;
@@ -510,10 +798,10 @@ class _SaveRewriter(ast.NodeTransformer):
         out.append(ast.Expr(run))
         if node.items[0].optional_vars is not None:
             raise SyntaxError("`with tensor.backward() as name:` binds nothing; drop the `as` part")
-        return [ast.copy_location(stmt, node) for stmt in out]
+        return [_loc(stmt, node) for stmt in out]
 
     def visit_Assign(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if len(node.targets) != 1 or _reads_any_value(node.value):
             return node
         target = node.targets[0]
@@ -525,11 +813,11 @@ class _SaveRewriter(ast.NodeTransformer):
             call = ast.Call(
                 func=ast.Name(ASSIGN, ast.Load()), args=[target.value, ast.Constant(target.attr), lazy], keywords=[]
             )
-            return ast.copy_location(ast.Expr(call), node)
+            return _loc(ast.Expr(call), node)
         if isinstance(target, ast.Subscript) and _reads_value(target.value):
             base = target.value
-            first = ast.copy_location(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=base), node)
-            second = ast.copy_location(
+            first = _loc(ast.Assign(targets=[ast.Name(TARGET, ast.Store())], value=base), node)
+            second = _loc(
                 ast.Assign(
                     targets=[ast.Subscript(value=ast.Name(TARGET, ast.Load()), slice=target.slice, ctx=ast.Store())],
                     value=node.value,
@@ -540,9 +828,9 @@ class _SaveRewriter(ast.NodeTransformer):
         return node
 
     def visit_Call(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if isinstance(node.func, ast.Attribute) and node.func.attr == "save":
-            return ast.copy_location(
+            return _loc(
                 ast.Call(
                     func=ast.Name(SAVE, ast.Load()),
                     args=[node.func.value, *node.args],
@@ -555,28 +843,28 @@ class _SaveRewriter(ast.NodeTransformer):
     def visit_With(self, node):
         if _is_backward(node):
             return self._backward(node)
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if _is_iter(node):
             item = node.items[0]
             target = item.optional_vars or ast.Name("__nnsight_step__", ast.Store())
-            loop = ast.copy_location(ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[]), node)
-            return _ending_loop(loop)
+            return _ending_loop(ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[]), node)
         return node
 
     def visit_For(self, node):
-        self.generic_visit(node)
+        node = self.generic_visit(node)
         if _call_attr(node.iter) in ("iter", "all"):
-            return _ending_loop(node)
+            return _ending_loop(ast.For(target=node.target, iter=node.iter, body=node.body, orelse=node.orelse), node)
         return node
 
 
-def _ending_loop(loop: ast.For) -> ast.For:
-    """``for step in tracer.iter[...]:`` whose body ends the loop when the model makes no more calls."""
+def _ending_loop(loop: ast.For, where) -> ast.For:
+    """``for step in tracer.iter[...]:`` (a new node, at ``where``) whose body ends the loop when
+    the model makes no more calls."""
     handler = ast.ExceptHandler(
         type=ast.Attribute(ast.Name(RT, ast.Load()), "LoopEnd", ast.Load()), name=None, body=[ast.Break()]
     )
-    loop.body = [ast.copy_location(ast.Try(body=loop.body, handlers=[handler], orelse=[], finalbody=[]), loop)]
-    return loop
+    loop.body = [ast.Try(body=loop.body, handlers=[handler], orelse=[], finalbody=[])]
+    return _loc(loop, where)
 
 
 @dataclass
@@ -613,7 +901,7 @@ _UNBOUND = _Unbound()
 
 
 def _nonlocal(names, node):
-    return [ast.copy_location(ast.Nonlocal(names=sorted(names)), node)] if names else []
+    return [_loc(ast.Nonlocal(names=sorted(names)), node)] if names else []
 
 
 def _function(name, body, node, nonlocals, defaults=()):
@@ -631,10 +919,10 @@ def _function(name, body, node, nonlocals, defaults=()):
     )
     if sys.version_info >= (3, 12):
         fn.type_params = []
-    return ast.copy_location(fn, node)
+    return _loc(fn, node)
 
 
-class _InvokeRewriter(ast.NodeTransformer):
+class _InvokeRewriter(_Transformer):
     """Rewrites each ``with x.invoke(...)`` into a registered body function.
 
     Scoping follows what each invoke's code means where it was written:
@@ -659,8 +947,7 @@ class _InvokeRewriter(ast.NodeTransformer):
 
     def visit_With(self, node):
         if not _is_invoke(node):
-            self.generic_visit(node)
-            return node
+            return self.generic_visit(node)
         n = self.count
         self.count += 1
         use = self.uses[n]
@@ -683,8 +970,8 @@ class _InvokeRewriter(ast.NodeTransformer):
         item = node.items[0]
         prefix = []
         if item.optional_vars is not None:
-            prefix.append(ast.copy_location(ast.Assign(targets=[item.optional_vars], value=ast.Name(invoker_name, ast.Load())), node))
-        register = ast.copy_location(
+            prefix.append(_loc(ast.Assign(targets=[item.optional_vars], value=ast.Name(invoker_name, ast.Load())), node))
+        register = _loc(
             ast.Expr(
                 ast.Call(
                     func=ast.Attribute(ast.Name(invoker_name, ast.Load()), "set_body", ast.Load()),
@@ -698,70 +985,29 @@ class _InvokeRewriter(ast.NodeTransformer):
             items=[ast.withitem(context_expr=item.context_expr, optional_vars=ast.Name(invoker_name, ast.Store()))],
             body=prefix + [_function(fn_name, body, node, nonlocals, snapshot), register],
         )
-        return ast.copy_location(new_with, node)
-
-
-class _ControlFlowCheck(ast.NodeVisitor):
-    """Statements that would leave the block early cannot work: nnsight runs the body itself."""
-
-    def __init__(self, filename):
-        self.filename = filename
-        self.loops = 0
-
-    def _refuse(self, node, what):
-        raise SyntaxError(
-            f"{self.filename}:{node.lineno}: `{what}` directly inside a `with model.trace(...)` block is not "
-            "supported, because nnsight runs the block's body itself, alongside the model. Save the value and "
-            f"use `{what}` after the block."
-        )
-
-    def visit_Return(self, node):
-        self._refuse(node, "return")
-
-    def visit_Yield(self, node):
-        self._refuse(node, "yield")
-
-    visit_YieldFrom = visit_Yield
-
-    def visit_Await(self, node):
-        self._refuse(node, "await")
-
-    def _loop(self, node):
-        self.loops += 1
-        self.generic_visit(node)
-        self.loops -= 1
-
-    visit_For = visit_While = visit_AsyncFor = _loop
-
-    def visit_Break(self, node):
-        if not self.loops:
-            self._refuse(node, "break")
-
-    def visit_Continue(self, node):
-        if not self.loops:
-            self._refuse(node, "continue")
-
-    def visit_FunctionDef(self, node):
-        pass
-
-    visit_AsyncFunctionDef = visit_Lambda = visit_ClassDef = visit_FunctionDef
+        return _loc(new_with, node)
 
 
 def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_fn=None, future_flags=0) -> tuple[object, tuple[str, ...], bool]:
-    """Compile ``with_node``'s body (a private tree: the rewriters work in place)."""
-    check = _ControlFlowCheck(filename)
-    for stmt in with_node.body:
-        check.visit(stmt)
+    """Compile ``with_node``'s body (left unchanged: the rewriters copy what they change)."""
     body = with_node.body
-    whole = _names(body)
+    whole = _Scan(filename)
+    plain = []
+    for stmt in body:
+        whole.rewrites = False
+        whole.visit(stmt)
+        plain.append(not whole.rewrites)
     all_assigned = whole.assigned - whole.globals
     referenced = whole.assigned | whole.loaded
     params = tuple(sorted(referenced & caller_locals))
-    has_invokes = any(_is_invoke(n) for stmt in body for n in ast.walk(stmt) if isinstance(n, ast.With))
+    has_invokes = whole.invokes
     invokes_assigned = set()
 
     stmts: list[ast.stmt] = []
-    for name in params:  # a caller variable not yet bound must stay unbound
+    # A caller variable not yet bound must stay unbound. Without invokes, one the body only
+    # ever assigns can keep the placeholder: nothing reads it, and read_scope leaves it out.
+    unbound_checked = params if has_invokes else [n for n in params if n in whole.loaded or n in whole.needs_bound]
+    for name in unbound_checked:
         stmts.append(
             ast.If(
                 test=ast.Compare(ast.Name(name, ast.Load()), [ast.Is()], [ast.Name(UNBOUND, ast.Load())]),
@@ -793,7 +1039,7 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
         rewriter = _InvokeRewriter(uses, shared, eager.assigned - eager.globals)
         stmts += _rewrite(body, rewriter)
     else:
-        rewritten = _rewrite(body)
+        rewritten = _rewrite(body, plain=plain)
         stmts.append(_function("__nnsight_invoke__", rewritten, with_node, all_assigned))
         stmts.append(
             ast.Expr(
@@ -804,12 +1050,16 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
                 )
             )
         )
-    everything = set(params) | all_assigned
-    stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
-    stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
+        # The body reads every parameter and declares every name it assigns nonlocal, so the
+        # invoke's own closure holds every name: it is the scope (one function less to compile).
+        stmts.append(ast.Return(ast.Name("__nnsight_invoke__", ast.Load())))
+    if has_invokes:
+        everything = set(params) | all_assigned
+        stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
+        stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
     for stmt in stmts:
-        if not hasattr(stmt, "lineno"):  # generated here; the user's own statements keep their lines
-            ast.copy_location(stmt, with_node)
+        if "lineno" not in stmt.__dict__:  # generated here; the user's own statements keep their lines
+            _loc(stmt, with_node)
 
     fn = ast.FunctionDef(
         name="__nnsight_block__",
@@ -828,39 +1078,14 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     )
     if sys.version_info >= (3, 12):
         fn.type_params = []
-    ast.copy_location(fn, with_node)
+    _loc(fn, with_node)
     module = ast.Module(body=[fn], type_ignores=[])
-    _fill_locations(module)
     if compile_fn is not None:
         code = compile_fn(module, filename)
     else:  # the user's own `from __future__` imports, not this module's
         code = compile(module, filename, "exec", flags=future_flags, dont_inherit=True)
     block_code = next(c for c in code.co_consts if getattr(c, "co_name", None) == "__nnsight_block__")
     return block_code, params, frozenset(invokes_assigned)
-
-
-# The compiler flags of `from __future__ import ...` (a block compiles with its own file's).
-def _fill_locations(tree):
-    """Give every generated node its parent's location (what ``ast.fix_missing_locations`` does, faster)."""
-    stack = [(tree, 1, 0, 1, 0)]
-    AST, located = ast.AST, (ast.expr, ast.stmt, ast.excepthandler, ast.arg, ast.keyword, ast.alias, ast.pattern)
-    while stack:
-        node, line, col, end_line, end_col = stack.pop()
-        if isinstance(node, located):
-            d = node.__dict__
-            if "lineno" in d:
-                line, col = d["lineno"], d["col_offset"]
-                end_line, end_col = d.get("end_lineno") or line, d.get("end_col_offset") or col
-            else:
-                node.lineno, node.col_offset, node.end_lineno, node.end_col_offset = line, col, end_line, end_col
-        for name in node._fields:
-            value = getattr(node, name, None)
-            if isinstance(value, list):
-                for item in value:
-                    if isinstance(item, AST):
-                        stack.append((item, line, col, end_line, end_col))
-            elif isinstance(value, AST):
-                stack.append((value, line, col, end_line, end_col))
 
 
 def _fresh_with(lines, node: ast.With, filename: str) -> ast.With:
@@ -872,6 +1097,7 @@ def _fresh_with(lines, node: ast.With, filename: str) -> ast.With:
     return ast.parse("\n" * (node.lineno - 1) + text, filename).body[0]
 
 
+# The compiler flags of `from __future__ import ...` (a block compiles with its own file's).
 _FUTURE_FLAGS = sum({getattr(__future__, name).compiler_flag for name in __future__.all_feature_names})
 
 
@@ -938,7 +1164,8 @@ class CapturedBlock:
     def compiled(self) -> Block:
         """The body compiled for the local engine (once per call site)."""
         if self._compiled is None:
-            node = _fresh_with(self._lines, self.node, self.filename)
+            # A scope's own compiler may change the tree it is given: it gets a private one.
+            node = self.node if self._compile_fn is None else _fresh_with(self._lines, self.node, self.filename)
             code, params, shared = _build(node, self._caller_locals, self.filename, self._compile_fn, self._future_flags)
             self._compiled = Block(code, params, self.filename, self.lineno, shared, self.trivial)
         return self._compiled
@@ -961,7 +1188,7 @@ class SourceCache:
         self.max_files = max_files
         self.max_blocks = max_blocks
         self._lock = threading.Lock()  # traces in several threads share the cache
-        self._files = LRU(max_files)  # (filename, text hash) -> (lines, with index)
+        self._files = LRU(max_files)  # (filename, text hash) -> (lines, with index, or None: not parsed yet)
         self._blocks = LRU(max_blocks)  # (code object, filename, line) -> CapturedBlock
 
     def __len__(self):
@@ -980,8 +1207,18 @@ class SourceCache:
         if block is not None:
             return block
         filename = code.co_filename
-        lines, index = self._file(filename, frame)
-        node = _find_with(index, frame.f_lineno, filename)
+        lines = _source_lines(filename, frame)
+        # A file's first block is parsed on its own (a long script's whole parse costs tens of
+        # ms); from its second, the file is parsed once and that one parse serves all its blocks.
+        file_key = (filename, hash(tuple(lines)))
+        known = self._files.get(file_key)
+        node = _with_at(code, frame.f_lineno, lines, filename) if known is None else None
+        if node is None:
+            lines, index = self._file(file_key, lines, known)
+            node = _find_with(index, frame.f_lineno, filename)
+        else:
+            self._files.put(file_key, (lines, None))  # seen, not parsed
+            _check_own_lines(node, filename, frame.f_lineno)
         _check_first_statement(node, filename)
         module_level = frame.f_locals is frame.f_globals
         caller_locals = set() if module_level else set(code.co_varnames) | set(code.co_cellvars) | set(code.co_freevars)
@@ -992,13 +1229,10 @@ class SourceCache:
         )
         return self._blocks.put(key, block)
 
-    def _file(self, filename, frame):
-        lines = _source_lines(filename, frame)
-        key = (filename, hash(tuple(lines)))
-        known = self._files.get(key)
-        if known is not None:
+    def _file(self, key, lines, known):
+        if known is not None and known[1] is not None:
             return known
-        tree = ast.parse("".join(lines), filename)
+        tree = ast.parse("".join(lines), key[0])
         return self._files.put(key, (lines, _with_index(tree)))
 
     def filenames(self) -> set[str]:
@@ -1051,14 +1285,21 @@ def bind(frame, values: dict):
         frame.f_locals.update(values)
 
 
+_RUNTIME_NAMES = frozenset((RT, SAVE, ASSIGN, UNBOUND))  # the block function's own parameters
+
+
 def read_scope(scope_fn) -> dict:
     """Current values of every name of a finished block (unbound names are left out)."""
     values = {}
     closure = scope_fn.__closure__
     if closure:
         for name, cell in zip(scope_fn.__code__.co_freevars, closure):
+            if name in _RUNTIME_NAMES:
+                continue
             try:
-                values[name] = cell.cell_contents
+                value = cell.cell_contents
             except ValueError:
-                pass
+                continue
+            if value is not _UNBOUND:  # a caller variable the block left unbound
+                values[name] = value
     return values
