@@ -39,6 +39,17 @@ def test_save_equals_forward_hook(seq):
     assert torch.equal(out, final)
 
 
+def test_annotated_assignments_in_a_block(seq):
+    x = torch.rand(3, 5)
+    model = NNsight(seq)
+    with model.trace(x):
+        first: torch.Tensor = model[0].output.save()
+        count: int
+        last: "torch.Tensor" = model[2].output.save()
+    seen, _ = hooked_outputs(seq, x, ["0", "2"])
+    assert torch.equal(first, seen["0"]) and torch.equal(last, seen["2"])
+
+
 def test_unsaved_names_are_not_bound(seq):
     model = NNsight(seq)
     with model.trace(torch.rand(1, 5)):

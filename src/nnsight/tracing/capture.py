@@ -464,6 +464,10 @@ class _Scan(_NameUse):
             self.rewrites = True
         self.generic_visit(node)
 
+    def visit_AnnAssign(self, node):
+        self.rewrites = True
+        self.generic_visit(node)
+
     def visit_With(self, node):
         self.rewrites = True
         super().visit_With(node)
@@ -799,6 +803,14 @@ class _SaveRewriter(_Transformer):
         if node.items[0].optional_vars is not None:
             raise SyntaxError("`with tensor.backward() as name:` binds nothing; drop the `as` part")
         return [_loc(stmt, node) for stmt in out]
+
+    def visit_AnnAssign(self, node):
+        # The block's names are the caller's (nonlocal in the compiled body), and Python
+        # refuses annotations on those; a function never evaluates a local's annotation
+        # anyway, so ``h: T = v`` runs as ``h = v`` and a bare ``h: T`` as nothing.
+        if node.value is None:
+            return _loc(ast.Pass(), node) if isinstance(node.target, ast.Name) else node
+        return self.visit(_loc(ast.Assign(targets=[node.target], value=node.value), node))
 
     def visit_Assign(self, node):
         node = self.generic_visit(node)
