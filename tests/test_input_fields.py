@@ -113,3 +113,30 @@ def test_no_positions_without_left_padding(gpt2):
         with model.trace(ids, attention_mask=torch.tensor(mask)):
             received = nnsight.save(model.inputs[1])
         assert "position_ids" not in received
+
+
+@torch.no_grad()
+def test_one_class_label_per_row_however_it_is_written():
+    torch.manual_seed(7)
+    config = transformers.BertConfig(
+        vocab_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        hidden_dropout_prob=0, attention_probs_dropout_prob=0, pad_token_id=0,
+    )
+    module = transformers.BertForSequenceClassification(config).eval()
+    model = LanguageModel(module, tokenizer=None, padding_side="right")
+    with model.trace() as tracer:
+        for ids, label in (([2, 5, 6, 3], 1), ([2, 7, 3], torch.tensor(0)), ([2, 6, 3], [1]),
+                           (torch.tensor([[2, 5, 3]]), torch.tensor([0]))):
+            with tracer.invoke(ids, labels=label):
+                pass
+        with tracer.invoke():
+            received = nnsight.save(model.inputs[1])
+            loss = nnsight.save(model.output.loss)
+    assert received["labels"].tolist() == [1, 0, 1, 0]
+    expected = module(input_ids=received["input_ids"], attention_mask=received["attention_mask"],
+                      labels=torch.tensor([1, 0, 1, 0])).loss
+    torch.testing.assert_close(loss, expected)
+    two = torch.tensor([[2, 5, 6, 3], [2, 7, 6, 3]])
+    with model.trace(two, labels=torch.tensor([0, 1])):
+        loss = nnsight.save(model.output.loss)
+    torch.testing.assert_close(loss, module(input_ids=two, labels=torch.tensor([0, 1])).loss)

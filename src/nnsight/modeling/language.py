@@ -210,7 +210,8 @@ class LanguageModel(AdapterMixin, NNsight):
 
     def _prepare_input(self, *inputs, **kwargs):
         rows = []
-        fields = {k: kwargs.pop(k) for k in _ROW_FIELDS if k in kwargs and _is_sequence(kwargs[k])}
+        fields = {k: kwargs.pop(k) for k in _ROW_FIELDS
+                  if k in kwargs and (_is_sequence(kwargs[k]) or (k == "labels" and isinstance(kwargs[k], int)))}
         if "input_ids" not in kwargs and "attention_mask" in kwargs and len(inputs) == 1 and _is_ids(inputs[0]):
             # model.trace(ids, attention_mask=mask): the mask belongs to those ids.
             kwargs["input_ids"], inputs = inputs[0], ()
@@ -490,6 +491,12 @@ def _is_ids(value) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(v, (int, list)) for v in value)
 
 
+def _flat(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() <= 1
+    return not (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, torch.Tensor)))
+
+
 def _is_sequence(value) -> bool:
     return isinstance(value, (torch.Tensor, list, tuple))
 
@@ -498,6 +505,13 @@ def _as_rows(value, count: int, name: str):
     """``value`` (a tensor or nested list) as ``count`` lists, one per row; one row is shared by all."""
     if isinstance(value, torch.Tensor):
         value = value.tolist()
+    if isinstance(value, int) and name == "labels":
+        value = [value]
+    if name == "labels" and isinstance(value, list) and value and isinstance(value[0], int) and count > 1:
+        # Flat labels over several rows: one class per row (sequence classification).
+        if len(value) != count:
+            raise NNsightError(f"`labels` has {len(value)} rows, but `input_ids` has {count}")
+        return value
     if not isinstance(value, list) or not value:
         raise NNsightError(f"`{name}` must be a tensor or list of per-token values, not {_short(value)}")
     if not isinstance(value[0], list):
@@ -511,10 +525,15 @@ def _as_rows(value, count: int, name: str):
 
 def _with_fields(rows, fields):
     per_name = {name: _as_rows(value, len(rows), name) for name, value in fields.items()}
+    labels = per_name.get("labels")
+    if labels is not None and len(rows) == 1 and len(labels[0]) == 1 and len(rows[0][0]) != 1 and _flat(fields["labels"]):
+        # One label beside one row of several tokens: that row's class.
+        per_name["labels"] = [labels[0][0]]
     out = []
     for i, row in enumerate(rows):
         new = _Row(row[:2])
-        new.fields = {**getattr(row, "fields", {}), **{name: list(v[i]) for name, v in per_name.items()}}
+        new.fields = {**getattr(row, "fields", {}),
+                      **{name: (v[i] if isinstance(v[i], int) else list(v[i])) for name, v in per_name.items()}}
         out.append(new)
     return out
 
@@ -524,6 +543,12 @@ def _batch_field(name, rows, masks, width, side, device):
     width than its row, such as seq2seq labels, is padded on the right to its own widest);
     a row without it gets its default."""
     fill = _ROW_FIELDS[name]
+    given = [row.fields[name] for row in rows if name in getattr(row, "fields", {})]
+    if any(isinstance(v, int) for v in given):
+        if not all(isinstance(v, int) for v in given):
+            raise NNsightError(f"some invokes pass one `{name}` per row and others one per token")
+        per_row = [getattr(row, "fields", {}).get(name, fill) for row in rows]
+        return torch.tensor(per_row, dtype=torch.long, device=device)
     own = [row.fields[name] for row in rows if name in getattr(row, "fields", {})]
     other_width = max((len(v) for v, row in zip(own, (r for r in rows if name in getattr(r, "fields", {})))
                        if len(v) != len(row[0])), default=None)
