@@ -48,7 +48,10 @@ from .adapters import AdapterMixin, with_adapter_option
 from ..util import WrapperModule
 from .base import NNsight
 
-_INPUT_KEYS = ("input_ids", "attention_mask")
+# Per-token fields an invoke may pass beside its ids, with the value that pads them and
+# fills them in for an invoke that lacks them (position_ids: counted from its mask instead).
+_ROW_FIELDS = {"token_type_ids": 0, "position_ids": 0, "labels": -100}
+_INPUT_KEYS = ("input_ids", "attention_mask", *_ROW_FIELDS)
 # Loading options that also reach the config and the tokenizer (they choose the code and files).
 _HUB_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
 # Options that decide which modules the meta build has (device_map and the like mean nothing on meta).
@@ -207,19 +210,28 @@ class LanguageModel(AdapterMixin, NNsight):
 
     def _prepare_input(self, *inputs, **kwargs):
         rows = []
+        fields = {k: kwargs.pop(k) for k in _ROW_FIELDS
+                  if k in kwargs and (_is_sequence(kwargs[k]) or (k == "labels" and isinstance(kwargs[k], int)))}
+        if "input_ids" not in kwargs and "attention_mask" in kwargs and len(inputs) == 1 and _is_ids(inputs[0]):
+            # model.trace(ids, attention_mask=mask): the mask belongs to those ids.
+            kwargs["input_ids"], inputs = inputs[0], ()
         if "input_ids" in kwargs:
             rows += _rows_from_ids(kwargs.pop("input_ids"), kwargs.pop("attention_mask", None))
         for value in inputs:
             rows += self._rows(value)
         if not rows:
             raise NNsightError("a LanguageModel invoke needs text, token ids or input_ids")
+        if fields:
+            rows = _with_fields(rows, fields)
         return (rows,), kwargs, len(rows)
 
     def _rows(self, value):
         if isinstance(value, str):
             return [self._tokenize(value)]
         if isinstance(value, Mapping) and "input_ids" in value:
-            return _rows_from_ids(value["input_ids"], value.get("attention_mask"))
+            rows = _rows_from_ids(value["input_ids"], value.get("attention_mask"))
+            fields = {k: value[k] for k in _ROW_FIELDS if value.get(k) is not None}
+            return _with_fields(rows, fields) if fields else rows
         if isinstance(value, torch.Tensor):
             return _rows_from_ids(value, None)
         if isinstance(value, (list, tuple)):
@@ -267,6 +279,9 @@ class LanguageModel(AdapterMixin, NNsight):
         input_ids = torch.tensor(all_ids, dtype=torch.long, device=device)
         attention_mask = torch.tensor(all_masks, dtype=torch.long, device=device)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+        for name in _ROW_FIELDS:
+            if any(name in getattr(row, "fields", {}) for row in rows):
+                batch[name] = _batch_field(name, rows, all_masks, width, side, device)
         return (), batch
 
     def _pad_id(self):
@@ -297,8 +312,9 @@ class LanguageModel(AdapterMixin, NNsight):
             takes = "position_ids" in inspect.signature(self._module.forward).parameters
             object.__setattr__(self, "_takes_position_ids", takes)
         if self._takes_position_ids and "position_ids" not in kwargs and "attention_mask" in kwargs:
-            mask = kwargs["attention_mask"]
-            kwargs = {**kwargs, "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+            positions = _left_padded_positions(kwargs["attention_mask"], kwargs.get("input_ids"))
+            if positions is not None:
+                kwargs = {**kwargs, "position_ids": positions}
         return self._module(*args, **kwargs)
 
     def _scan_inputs(self, args, kwargs):
@@ -445,6 +461,116 @@ def _rows_from_ids(ids, mask):
         if masks and isinstance(masks[0], int):
             masks = [masks]
     return [(list(row), list(m)) for row, m in zip(ids, masks)]
+
+
+class _Row(tuple):
+    """One row ``(ids, mask)``, with the per-token fields its invoke passed (``.fields``)."""
+
+    fields: dict
+
+
+def _left_padded_positions(mask, ids):
+    """Position ids for a batch with left-padded rows, each counted from its first real token;
+    other rows (right padding, gaps) keep the model's own 0, 1, 2, ... . None when no row is
+    left-padded, or the mask also covers a cache's past tokens (its width is not the ids')."""
+    if mask.dim() != 2 or (ids is not None and ids.shape[-1] != mask.shape[-1]):
+        return None
+    real = mask.long()
+    counted = (real.cumsum(-1) - 1).clamp(min=0)
+    # A left-padded row: zeros, then only ones, with at least one zero first.
+    left = (real[:, 0] == 0) & (real.cummax(-1).values == real).all(-1) & real.any(-1)
+    if not bool(left.any()):
+        return None
+    plain = torch.arange(mask.shape[-1], device=mask.device).expand_as(counted)
+    return torch.where(left[:, None], counted, plain)
+
+
+def _is_ids(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return not value.is_floating_point()
+    return isinstance(value, list) and bool(value) and all(isinstance(v, (int, list)) for v in value)
+
+
+def _flat(value) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() <= 1
+    return not (isinstance(value, (list, tuple)) and value and isinstance(value[0], (list, tuple, torch.Tensor)))
+
+
+def _is_sequence(value) -> bool:
+    return isinstance(value, (torch.Tensor, list, tuple))
+
+
+def _as_rows(value, count: int, name: str):
+    """``value`` (a tensor or nested list) as ``count`` lists, one per row; one row is shared by all."""
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, int) and name == "labels":
+        value = [value]
+    if name == "labels" and isinstance(value, list) and value and isinstance(value[0], int) and count > 1:
+        # Flat labels over several rows: one class per row (sequence classification).
+        if len(value) != count:
+            raise NNsightError(f"`labels` has {len(value)} rows, but `input_ids` has {count}")
+        return value
+    if not isinstance(value, list) or not value:
+        raise NNsightError(f"`{name}` must be a tensor or list of per-token values, not {_short(value)}")
+    if not isinstance(value[0], list):
+        value = [value]
+    if len(value) == 1 and count > 1:
+        value = value * count
+    if len(value) != count:
+        raise NNsightError(f"`{name}` has {len(value)} rows, but `input_ids` has {count}")
+    return value
+
+
+def _with_fields(rows, fields):
+    per_name = {name: _as_rows(value, len(rows), name) for name, value in fields.items()}
+    labels = per_name.get("labels")
+    if labels is not None and len(rows) == 1 and len(labels[0]) == 1 and len(rows[0][0]) != 1 and _flat(fields["labels"]):
+        # One label beside one row of several tokens: that row's class.
+        per_name["labels"] = [labels[0][0]]
+    out = []
+    for i, row in enumerate(rows):
+        new = _Row(row[:2])
+        new.fields = {**getattr(row, "fields", {}),
+                      **{name: (v[i] if isinstance(v[i], int) else list(v[i])) for name, v in per_name.items()}}
+        out.append(new)
+    return out
+
+
+def _batch_field(name, rows, masks, width, side, device):
+    """One per-token field over the batch: each row padded like its ids (a field of another
+    width than its row, such as seq2seq labels, is padded on the right to its own widest);
+    a row without it gets its default."""
+    fill = _ROW_FIELDS[name]
+    given = [row.fields[name] for row in rows if name in getattr(row, "fields", {})]
+    if any(isinstance(v, int) for v in given):
+        if not all(isinstance(v, int) for v in given):
+            raise NNsightError(f"some invokes pass one `{name}` per row and others one per token")
+        per_row = [getattr(row, "fields", {}).get(name, fill) for row in rows]
+        return torch.tensor(per_row, dtype=torch.long, device=device)
+    own = [row.fields[name] for row in rows if name in getattr(row, "fields", {})]
+    other_width = max((len(v) for v, row in zip(own, (r for r in rows if name in getattr(r, "fields", {})))
+                       if len(v) != len(row[0])), default=None)
+    values = []
+    for (ids, _), mask, row in zip(rows, masks, rows):
+        value = getattr(row, "fields", {}).get(name)
+        if value is None:
+            if name == "position_ids":
+                value = [max(p, 0) for p in torch.tensor(mask).cumsum(-1).sub(1).tolist()]
+            else:
+                value = [fill] * (width if other_width is None else other_width)
+            values.append(value)
+            continue
+        if len(value) == len(ids) and other_width is None:
+            pad = [fill] * (width - len(ids))
+            values.append(pad + value if side == "left" else value + pad)
+        else:
+            values.append(value + [fill] * ((other_width or len(value)) - len(value)))
+    try:
+        return torch.tensor(values, dtype=torch.long, device=device)
+    except ValueError as err:  # rows whose widths cannot be made one
+        raise NNsightError(f"`{name}` has rows of different widths that do not match their ids: {err}") from None
 
 
 def _resolve(name: str) -> str:
