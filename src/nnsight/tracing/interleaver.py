@@ -811,6 +811,20 @@ class Interleaver:
             mediator.kill()
         self.remove_hooks()
 
+    def release(self):
+        """Drop this run's links to its mediators and tracer once it is over.
+
+        Mediators point back at the interleaver and the tracer at it, so without this a
+        finished trace would be a reference cycle holding the model until the cyclic
+        collector ran.
+        """
+        for mediator in self.mediators:
+            # The body's closure holds the user's scope, which may hold objects (a tracer.cache())
+            # that point back at this mediator.
+            mediator.body = mediator.worker = mediator.pending = mediator.current = mediator.last = None
+        self.mediators = []
+        self.tracer = None
+
 
 def _never_runs(module) -> bool:
     """A container without a forward of its own (calling it raises), so it is never running."""
