@@ -114,3 +114,23 @@ def test_a_child_outlives_its_temporary_root():
     inner = NNsight(net)[0]
     assert inner[0]._module is net[0][0]
     assert inner[0].parent is inner
+
+
+class _RaisesAfterA(TwoLayer):
+    def forward(self, x):
+        hidden = self.a(x)
+        raise RuntimeError("boom")
+
+
+def test_a_model_that_raises_while_the_body_waits_is_freed():
+    # The body is parked on b.output when the forward raises; unwinding it must not tie
+    # the user's error to the model's frames.
+    def run():
+        model = NNsight(_RaisesAfterA())
+        with pytest.raises(RuntimeError, match="boom"):
+            with model.trace(_x()):
+                nnsight.save(model.a.output)
+                nnsight.save(model.b.output)
+        return weakref.ref(model._module)
+
+    assert all(run()() is None for _ in range(3))

@@ -547,8 +547,10 @@ class Mediator:
             return
         try:
             self.throw(greenlet.GreenletExit())
-        except BaseException:  # the body's own cleanup failed; nothing is left to report to
-            pass
+        except BaseException as unwound:  # the body's own cleanup failed; nothing is left to report to
+            # Its traceback holds the model's frames and its context the error being raised to
+            # the user, whose traceback leads back here: a cycle that would keep the model.
+            unwound.__traceback__ = unwound.__context__ = None
         if self.worker is not None:  # the body swallowed the exit and asked for more: drop it
             self.worker = None
             self.done = True
