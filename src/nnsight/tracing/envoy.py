@@ -206,6 +206,14 @@ class Envoy(ValueAccess):
             return getattr(module, name)
         except AttributeError:
             pass
+        if name in ("device", "devices"):
+            # For a module that has no such attribute of its own (a plain torch module; a
+            # transformers model has .device): where its parameters are, as in nnsight 0.8.1.
+            devices = {p.device for p in module.parameters()}
+            if name == "devices":
+                return devices
+            first = next(module.parameters(), None)
+            return first.device if first is not None else None
         children = [n for n, m in module._modules.items() if m is not None]
         if aliases is not None:
             children += [f"{a} (alias)" for a in aliases.aliases_of(self._parts())]
@@ -244,6 +252,11 @@ class Envoy(ValueAccess):
 
     def __len__(self):
         return len([m for m in self._module._modules.values() if m is not None])
+
+    def __bool__(self):
+        # As true as the module: ``if model.layer:`` holds for a leaf (no children, so
+        # ``__len__`` alone would make it false), an empty ModuleList stays false.
+        return bool(self._module)
 
     def __iter__(self):
         return iter(self[:])
