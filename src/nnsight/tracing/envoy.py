@@ -381,7 +381,8 @@ class Envoy(ValueAccess):
         mediator = current_mediator()
         if mediator is None:
             raise NotInTraceError(
-                f"{self._display}.{what} was accessed outside of a trace. Module values exist only while "
+                f"{self._display}.{what} was accessed outside of a trace (outside of interleaving: no model "
+                f"is running). Module values exist only while "
                 f"the model runs: read them inside `with model.trace(...):` (or inside a "
                 f"`with tracer.invoke(...):` block when the trace has explicit invokes)."
             )
