@@ -84,3 +84,24 @@ def test_parent_root_and_filtered_modules(gpt2):
     linear = model.modules(include_fn=lambda e: isinstance(e._module, torch.nn.Linear), names=True)
     expected = [name for name, m in gpt2.named_modules() if isinstance(m, torch.nn.Linear)]
     assert [path for path, _ in linear] == ["model." + name for name in expected]
+
+
+def test_an_envoy_is_as_true_as_its_module():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ModuleList())
+    model = NNsight(net)
+    assert bool(model[0]) is bool(net[0]) is True  # a leaf: no children, still true
+    assert bool(model[1]) is bool(net[1]) is False  # an empty ModuleList, as torch says
+    assert (model[0] or None) is model[0]
+
+
+def test_device_and_devices_fall_back_to_the_parameters():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    model = NNsight(net)
+    assert model.device == net[0].weight.device
+    assert model.devices == {p.device for p in net.parameters()}
+    assert model[1].device is None and model[1].devices == set()
+
+    class OwnDevice(torch.nn.Module):
+        device = "its own"
+
+    assert NNsight(OwnDevice()).device == "its own"  # the module's own attribute wins

@@ -202,3 +202,11 @@ def test_debug_switch_shows_engine_frames(seq, monkeypatch):
     monkeypatch.setattr(CONFIG.APP, "DEBUG", False)
     monkeypatch.setenv("NNSIGHT_DEBUG", "1")
     assert any(f.endswith("interleaver.py") for f in _frames_of(model, x))
+
+
+def test_reading_outside_a_trace_is_also_the_value_error_of_0_8_1():
+    model = NNsight(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="outside of a trace"):
+        model[0].output
+    with pytest.raises(NotInTraceError):
+        model[0].input

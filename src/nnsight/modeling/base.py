@@ -58,7 +58,8 @@ class NNsight(Envoy):
             reserved = {n for klass in type(self).__mro__ for n in vars(klass) if not n.startswith("_")}
             reserved |= {n for klass in Envoy.__mro__ for n in vars(klass) if not n.startswith("_")}
             aliases = AliasTable(module, rename, reserved)
-        object.__setattr__(self, "_tree", TreeOptions(aliases, TreeOptions.check_envoys(spec)))
+        self._tree.aliases = aliases  # mutated, not replaced: every envoy shares this one object
+        self._tree.envoys = TreeOptions.check_envoys(spec)
         object.__setattr__(self, "_order", None)
         object.__setattr__(self, "_edits", [])
 

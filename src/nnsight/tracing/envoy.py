@@ -22,6 +22,8 @@ The root (``NNsight``) decides two things about the tree, once, when it is built
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from .errors import NotInTraceError
@@ -150,13 +152,17 @@ class Envoy(ValueAccess):
         return super().__new__(cls)
 
     def __init__(self, module: torch.nn.Module, path: str = "model", root: "Envoy | None" = None, parent=None):
-        if root is None:
-            object.__setattr__(self, "_tree", TreeOptions())
+        # Every envoy shares its root's options, so a child held after the model is dropped
+        # (``NNsight(net).layer``) still builds its own children.
+        object.__setattr__(self, "_tree", TreeOptions() if root is None else root._tree)
         object.__setattr__(self, "_module", module)
-        object.__setattr__(self, "_parent", parent)
+        # Parent and root links are weak: the tree below a root is owned by the root alone, so
+        # dropping the last user reference to the model frees it by reference counting (no cycle
+        # for the cyclic collector to find), as in nnsight 0.8.1.
+        object.__setattr__(self, "_parent_ref", weakref.ref(parent) if parent is not None else None)
         object.__setattr__(self, "_path", path)
         object.__setattr__(self, "_display", _display(path))
-        object.__setattr__(self, "_root", root if root is not None else self)
+        object.__setattr__(self, "_root_ref", weakref.ref(root if root is not None else self))
         object.__setattr__(self, "_children", {})
         object.__setattr__(self, "_hook", None)  # the tracing engine's ModuleHook, reused across traces
 
@@ -170,8 +176,11 @@ class Envoy(ValueAccess):
         child = self._children.get(name)
         module = self._module._modules[name]
         if child is None or child._module is not module:
-            cls = self._root._tree.envoy_class(module, self._parts() + (name,))
-            child = cls(module, f"{self._path}.{name}", self._root, self)
+            cls = self._tree.envoy_class(module, self._parts() + (name,))
+            # Built from this envoy (alive here) and then pointed at the root, which may be gone
+            # already when the root was a temporary: ``NNsight(net).transformer.h``.
+            child = cls(module, f"{self._path}.{name}", self, self)
+            object.__setattr__(child, "_root_ref", self._root_ref)
             self._children[name] = child
         return child
 
@@ -188,7 +197,7 @@ class Envoy(ValueAccess):
         module = self._module
         if name in module._modules and module._modules[name] is not None:
             return self._child(name)
-        aliases = self._root._tree.aliases
+        aliases = self._tree.aliases
         if aliases is not None:
             target = aliases.target(self._parts(), name)
             if target is not None:
@@ -197,6 +206,14 @@ class Envoy(ValueAccess):
             return getattr(module, name)
         except AttributeError:
             pass
+        if name in ("device", "devices"):
+            # For a module that has no such attribute of its own (a plain torch module; a
+            # transformers model has .device): where its parameters are, as in nnsight 0.8.1.
+            devices = {p.device for p in module.parameters()}
+            if name == "devices":
+                return devices
+            first = next(module.parameters(), None)
+            return first.device if first is not None else None
         children = [n for n, m in module._modules.items() if m is not None]
         if aliases is not None:
             children += [f"{a} (alias)" for a in aliases.aliases_of(self._parts())]
@@ -236,13 +253,18 @@ class Envoy(ValueAccess):
     def __len__(self):
         return len([m for m in self._module._modules.values() if m is not None])
 
+    def __bool__(self):
+        # As true as the module: ``if model.layer:`` holds for a leaf (no children, so
+        # ``__len__`` alone would make it false), an empty ModuleList stays false.
+        return bool(self._module)
+
     def __iter__(self):
         return iter(self[:])
 
     def __contains__(self, name):
         if name in self._module._modules:
             return True
-        aliases = self._root._tree.aliases
+        aliases = self._tree.aliases
         return aliases is not None and aliases.target(self._parts(), name) is not None
 
     def get(self, path: str) -> "Envoy":
@@ -280,6 +302,18 @@ class Envoy(ValueAccess):
         return [(e.path, e) for e in kept] if names else kept
 
     @property
+    def _parent(self) -> "Envoy | None":
+        ref = self._parent_ref
+        return ref() if ref is not None else None
+
+    @property
+    def _root(self) -> "Envoy":
+        root = self._root_ref()
+        if root is None:
+            raise ReferenceError(f"{self._display}: the model this envoy belongs to has been freed")
+        return root
+
+    @property
     def parent(self) -> "Envoy | None":
         """The envoy this one is a child of (``None`` on the root)."""
         return self._parent
@@ -310,14 +344,14 @@ class Envoy(ValueAccess):
         return self._path
 
     def __repr__(self):
-        aliases = self._root._tree.aliases
+        aliases = self._tree.aliases
         if aliases is None:
             return repr(self._module)
         return _labelled_repr(aliases, self._module, self._parts())
 
     def __dir__(self):
         names = set(super().__dir__()) | set(self._module._modules) | set(dir(self._module))
-        aliases = self._root._tree.aliases
+        aliases = self._tree.aliases
         if aliases is not None:
             names |= set(aliases.aliases_of(self._parts()))
         return sorted(names)
@@ -347,7 +381,8 @@ class Envoy(ValueAccess):
         mediator = current_mediator()
         if mediator is None:
             raise NotInTraceError(
-                f"{self._display}.{what} was accessed outside of a trace. Module values exist only while "
+                f"{self._display}.{what} was accessed outside of a trace (outside of interleaving: no model "
+                f"is running). Module values exist only while "
                 f"the model runs: read them inside `with model.trace(...):` (or inside a "
                 f"`with tracer.invoke(...):` block when the trace has explicit invokes)."
             )

@@ -21,8 +21,11 @@ class MissedValueError(NNsightError, RuntimeError):
     """Code asked for a module's value, but the module did not run (again) before the model finished."""
 
 
-class NotInTraceError(NNsightError, RuntimeError):
-    """``.output`` / ``.input`` touched where no model is running."""
+class NotInTraceError(NNsightError, RuntimeError, ValueError):
+    """``.output`` / ``.input`` touched where no model is running.
+
+    Also a ``ValueError``: nnsight 0.8.1 raises one there, so scripts catching it keep working.
+    """
 
 
 class SaveOutsideTraceError(NotInTraceError, ValueError):

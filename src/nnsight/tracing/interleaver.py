@@ -547,8 +547,10 @@ class Mediator:
             return
         try:
             self.throw(greenlet.GreenletExit())
-        except BaseException:  # the body's own cleanup failed; nothing is left to report to
-            pass
+        except BaseException as unwound:  # the body's own cleanup failed; nothing is left to report to
+            # Its traceback holds the model's frames and its context the error being raised to
+            # the user, whose traceback leads back here: a cycle that would keep the model.
+            unwound.__traceback__ = unwound.__context__ = None
         if self.worker is not None:  # the body swallowed the exit and asked for more: drop it
             self.worker = None
             self.done = True
@@ -810,6 +812,20 @@ class Interleaver:
         for mediator in self.mediators:
             mediator.kill()
         self.remove_hooks()
+
+    def release(self):
+        """Drop this run's links to its mediators and tracer once it is over.
+
+        Mediators point back at the interleaver and the tracer at it, so without this a
+        finished trace would be a reference cycle holding the model until the cyclic
+        collector ran.
+        """
+        for mediator in self.mediators:
+            # The body's closure holds the user's scope, which may hold objects (a tracer.cache())
+            # that point back at this mediator.
+            mediator.body = mediator.worker = mediator.pending = mediator.current = mediator.last = None
+        self.mediators = []
+        self.tracer = None
 
 
 def _never_runs(module) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+import weakref
 import threading
 import warnings
 
@@ -220,8 +221,11 @@ class BlockContext:
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if self._skipper is not None:
-            self._skipper.restore()
+        # The skipper holds the caller's frame, which holds this context: drop it here so
+        # that a finished block leaves no reference cycle (see tests/test_memory_release.py).
+        skipper, self._skipper = self._skipper, None
+        if skipper is not None:
+            skipper.restore()
         frame, self._frame = self._frame, None
         if not self._block.skipped(exc_type):
             return False
@@ -248,7 +252,10 @@ class BlockContext:
         finally:
             _running.context = self.parent
         values = read_scope(scope)
-        values.update(self._published)
+        # Published names include the tracer and the model (``__nnsight_rt__``, ``model``): hand
+        # them over and forget them, or the tracer would hold its own scope in a cycle.
+        published, self._published = self._published, {}
+        values.update(published)
         if self.parent is not None:
             # Inside a session every name stays visible to the code after this block, as if
             # the session were one block; the session itself binds only what was saved.
@@ -313,13 +320,22 @@ class Tracer(BlockContext):
 
     def __init__(self, model, args, kwargs, run_kwargs=None):
         super().__init__()
-        self.model = model
+        self._model_ref = weakref.ref(model)
         self._args = args
         self._kwargs = _without_legacy(kwargs)
         self._run_kwargs = _without_legacy(run_kwargs or {})
         self._invokers: list[Invoker] = []
         self.interleaver = None
         self._result = None
+
+    @property
+    def model(self):
+        """The model this trace runs (``None`` once the user has dropped it).
+
+        Weak, so that ``with model.trace(x) as tracer:`` leaving ``tracer`` bound does not
+        keep the model's weights alive after the user drops the model.
+        """
+        return self._model_ref()
 
     def implicit_invoke(self, body):
         invoker = Invoker(self, self._args, self._kwargs)
@@ -418,6 +434,9 @@ class Tracer(BlockContext):
             self._result = self._run(interleaver, args, kwargs)
         finally:
             interleaver.cleanup()
+            interleaver.release()
+            self.interleaver = None
+            self._invokers = []  # each points back at this tracer
 
     def _run(self, interleaver, args, kwargs):
         if self._run_kwargs:
