@@ -813,7 +813,7 @@ class Interleaver:
             mediator.kill()
         self.remove_hooks()
 
-    def release(self):
+    def forget_run(self):
         """Drop this run's links to its mediators and tracer once it is over.
 
         Mediators point back at the interleaver and the tracer at it, so without this a

@@ -434,7 +434,7 @@ class Tracer(BlockContext):
             self._result = self._run(interleaver, args, kwargs)
         finally:
             interleaver.cleanup()
-            interleaver.release()
+            interleaver.forget_run()
             self.interleaver = None
             self._invokers = []  # each points back at this tracer
 
