@@ -804,10 +804,23 @@ class _SaveRewriter(_Transformer):
             raise SyntaxError("`with tensor.backward() as name:` binds nothing; drop the `as` part")
         return [_loc(stmt, node) for stmt in out]
 
+    _in_definition = 0  # inside a def or class of the block, whose annotations are their own
+
+    def _definition(self, node):
+        self._in_definition += 1
+        try:
+            return self.generic_visit(node)
+        finally:
+            self._in_definition -= 1
+
+    visit_FunctionDef = visit_AsyncFunctionDef = visit_ClassDef = _definition
+
     def visit_AnnAssign(self, node):
         # The block's names are the caller's (nonlocal in the compiled body), and Python
         # refuses annotations on those; a function never evaluates a local's annotation
         # anyway, so ``h: T = v`` runs as ``h = v`` and a bare ``h: T`` as nothing.
+        if self._in_definition:
+            return self.generic_visit(node)
         if node.value is None:
             return _loc(ast.Pass(), node) if isinstance(node.target, ast.Name) else node
         return self.visit(_loc(ast.Assign(targets=[node.target], value=node.value), node))
