@@ -543,17 +543,17 @@ def _batch_field(name, rows, masks, width, side, device):
     width than its row, such as seq2seq labels, is padded on the right to its own widest);
     a row without it gets its default."""
     fill = _ROW_FIELDS[name]
-    given = [row.fields[name] for row in rows if name in getattr(row, "fields", {})]
+    carrying = [row for row in rows if name in getattr(row, "fields", {})]
+    given = [row.fields[name] for row in carrying]
     if any(isinstance(v, int) for v in given):
         if not all(isinstance(v, int) for v in given):
             raise NNsightError(f"some invokes pass one `{name}` per row and others one per token")
         per_row = [getattr(row, "fields", {}).get(name, fill) for row in rows]
         return torch.tensor(per_row, dtype=torch.long, device=device)
-    own = [row.fields[name] for row in rows if name in getattr(row, "fields", {})]
-    other_width = max((len(v) for v, row in zip(own, (r for r in rows if name in getattr(r, "fields", {})))
-                       if len(v) != len(row[0])), default=None)
+    other_width = max((len(v) for v, row in zip(given, carrying) if len(v) != len(row[0])), default=None)
     values = []
-    for (ids, _), mask, row in zip(rows, masks, rows):
+    for row, mask in zip(rows, masks):
+        ids = row[0]
         value = getattr(row, "fields", {}).get(name)
         if value is None:
             if name == "position_ids":
