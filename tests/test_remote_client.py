@@ -101,7 +101,7 @@ def test_large_results_are_compressed_and_equal(models, capsys):
     assert int(raw.headers["Content-Length"]) < int(raw.headers["X-Uncompressed-Length"])
     plain = requests.get(f"{srv.url}/v1/jobs/{job.id}/result", headers={"X-API-Key": key, "Accept-Encoding": "identity"})
     assert "Content-Encoding" not in plain.headers
-    assert compression.download(raw, "t", show_progress=False) == plain.content
+    assert b"".join(compression.chunks(raw, "t", show_progress=False)) == plain.content
 
 
 class _FakeResponse:
@@ -117,12 +117,12 @@ def test_download_decompresses_in_chunks_with_a_progress_bar(capsys):
     body, headers = compression.compress_body(payload, "zstd")
     assert headers["Content-Encoding"] == "zstd" and len(body) < len(payload) // 10
     headers["Content-Length"] = str(len(body))
-    assert compression.download(_FakeResponse(body, headers), "t") == payload
+    assert b"".join(compression.chunks(_FakeResponse(body, headers), "t")) == payload
     small, none = compression.compress_body(b"{}", "zstd")
     assert (small, none) == (b"{}", {})
     assert compression.compress_body(payload, "gzip")[1] == {}
     big = b"y" * (2 << 20)
-    compression.download(_FakeResponse(big, {"Content-Length": str(len(big))}), "job x")
+    b"".join(compression.chunks(_FakeResponse(big, {"Content-Length": str(len(big))}), "job x"))
     assert "downloading job x" in capsys.readouterr().err
 
 

@@ -92,10 +92,3 @@ def chunks(response, label: str, show_progress: bool = True):
         if bar is not None:
             bar.close()
 
-
-def download(response, label: str, show_progress: bool = True) -> bytearray:
-    """The whole decompressed body in one buffer (for small bodies; results are read with ``chunks``)."""
-    out = bytearray()
-    for part in chunks(response, label, show_progress):
-        out += part
-    return out
