@@ -28,8 +28,8 @@ class NotInTraceError(NNsightError, RuntimeError, ValueError):
     """
 
 
-class SaveOutsideTraceError(NotInTraceError, ValueError):
-    """``nnsight.save(x)`` with no trace or session running (a ``ValueError`` in nnsight 0.8.1 too)."""
+class SaveOutsideTraceError(NotInTraceError):
+    """``nnsight.save(x)`` with no trace or session running (a ``ValueError``, as ``NotInTraceError`` is, and as in nnsight 0.8.1)."""
 
 
 class NNsightDeprecationWarning(FutureWarning):
