@@ -1213,7 +1213,7 @@ class SourceCache:
         self.max_files = max_files
         self.max_blocks = max_blocks
         self._lock = threading.Lock()  # traces in several threads share the cache
-        self._files = LRU(max_files)  # (filename, text hash) -> (lines, with index, or None: not parsed yet)
+        self._files = LRU(max_files)  # (filename, text hash) -> (lines, with index): files parsed whole
         self._blocks = LRU(max_blocks)  # (code object, filename, line) -> CapturedBlock
 
     def __len__(self):
@@ -1233,8 +1233,8 @@ class SourceCache:
             return block
         filename = code.co_filename
         lines = _source_lines(filename, frame)
-        # A file's first block is parsed on its own (a long script's whole parse costs tens of
-        # ms); from its second, the file is parsed once and that one parse serves all its blocks.
+        # Each block is parsed on its own (tens of µs; a long script's whole parse costs tens
+        # of ms). Only where its own lines do not give the statement is the file parsed, once.
         file_key = (filename, hash(tuple(lines)))
         known = self._files.get(file_key)
         node = _with_at(code, frame.f_lineno, lines, filename) if known is None else None
@@ -1242,7 +1242,6 @@ class SourceCache:
             lines, index = self._file(file_key, lines, known)
             node = _find_with(index, frame.f_lineno, filename)
         else:
-            self._files.put(file_key, (lines, None))  # seen, not parsed
             _check_own_lines(node, filename, frame.f_lineno)
         _check_first_statement(node, filename)
         module_level = frame.f_locals is frame.f_globals
@@ -1255,7 +1254,7 @@ class SourceCache:
         return self._blocks.put(key, block)
 
     def _file(self, key, lines, known):
-        if known is not None and known[1] is not None:
+        if known is not None:
             return known
         tree = ast.parse("".join(lines), key[0])
         return self._files.put(key, (lines, _with_index(tree)))
