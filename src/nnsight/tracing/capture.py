@@ -925,8 +925,8 @@ class _Unbound:
 _UNBOUND = _Unbound()
 
 
-def _nonlocal(names, node):
-    return [_loc(ast.Nonlocal(names=sorted(names)), node)] if names else []
+def _nonlocal(names):
+    return [ast.Nonlocal(names=sorted(names))] if names else []
 
 
 def _function(name, body, node, nonlocals, defaults=()):
@@ -940,7 +940,7 @@ def _function(name, body, node, nonlocals, defaults=()):
         defaults=[ast.Name(n, ast.Load()) for n in defaults],
     )
     fn = ast.FunctionDef(
-        name=name, args=args, body=_nonlocal(nonlocals, node) + body, decorator_list=[], returns=None
+        name=name, args=args, body=_nonlocal(nonlocals) + body, decorator_list=[], returns=None
     )
     if sys.version_info >= (3, 12):
         fn.type_params = []
@@ -1082,9 +1082,6 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
         everything = set(params) | all_assigned
         stmts.append(_function("__nnsight_scope__", [ast.Pass()], with_node, everything))
         stmts.append(ast.Return(ast.Name("__nnsight_scope__", ast.Load())))
-    for stmt in stmts:
-        if "lineno" not in stmt.__dict__:  # generated here; the user's own statements keep their lines
-            _loc(stmt, with_node)
 
     fn = ast.FunctionDef(
         name="__nnsight_block__",
@@ -1103,7 +1100,7 @@ def _build(with_node: ast.With, caller_locals: set[str], filename: str, compile_
     )
     if sys.version_info >= (3, 12):
         fn.type_params = []
-    _loc(fn, with_node)
+    _loc(fn, with_node)  # every node generated here: the user's own statements keep their lines
     module = ast.Module(body=[fn], type_ignores=[])
     if compile_fn is not None:
         code = compile_fn(module, filename)
