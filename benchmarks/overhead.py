@@ -110,7 +110,24 @@ def floor_case(quick):
 
     _, created = _blocks(nothing, fresh, n, rounds)
     base, switched = _blocks(nothing, lambda: parked.switch(1), n, rounds)
-    return {"floor_fresh_greenlet_us": created - base, "floor_switch_pair_us": switched - base}
+    return {
+        "floor_fresh_greenlet_us": created - base, "floor_switch_pair_us": switched - base,
+        "floor_forward_hook_us": _hook_floor(quick),
+    }
+
+
+def _hook_floor(quick):
+    """What torch charges for one module's forward hook that does nothing (each delivered value needs one)."""
+    import torch
+
+    bare = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(100)])
+    hooked = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(100)])
+    for layer in hooked:
+        layer.register_forward_hook(lambda module, args, output: None)
+    x = torch.randn(1, 64)
+    calls, rounds = (20, 7) if quick else (50, 11)
+    plain, with_hooks = _blocks(lambda: bare(x), lambda: hooked(x), calls, rounds)
+    return (with_hooks - plain) / len(hooked)
 
 
 # Every site's text differs (as an edited notebook cell does), so no cache keyed by text helps.
@@ -502,6 +519,7 @@ ROWS = [
     ("one_save_trace_us", "one-save trace, over plain (µs)", 40),
     ("floor_fresh_greenlet_us", "floor: a fresh greenlet, started and ended (µs)", None),
     ("floor_switch_pair_us", "floor: one greenlet switch pair (µs)", None),
+    ("floor_forward_hook_us", "floor: one no-op torch forward hook (µs)", None),
     ("cold_call_site_us", "first trace at a new call site, extra (µs)", None),
     ("fresh_first_trace_ms", "first trace in a fresh process (ms)", None),
     ("fresh_first_trace_extra_ms", "first trace in a fresh process, over the second (ms)", None),
