@@ -227,7 +227,8 @@ def _with_at(code, lineno: int, lines: list[str], filename: str) -> ast.With | N
     # Past its end a statement's block cannot go on: a deeper line there means the code is not
     # the text's (the sandbox runs a one-line stand-in for a job's body), so the file decides.
     margin = lines[lineno - 1][: len(lines[lineno - 1]) - len(lines[lineno - 1].lstrip())]
-    for line in lines[end:]:
+    for following in range(end, len(lines)):  # (not a slice: that copies the rest of the file)
+        line = lines[following]
         stripped = line.lstrip()
         if stripped and not stripped.startswith("#"):
             indent = line[: len(line) - len(stripped)]
@@ -1232,11 +1233,9 @@ class SourceCache:
         lines = _source_lines(filename, frame)
         # Each block is parsed on its own (tens of µs; a long script's whole parse costs tens
         # of ms). Only where its own lines do not give the statement is the file parsed, once.
-        file_key = (filename, hash(tuple(lines)))
-        known = self._files.get(file_key)
-        node = _with_at(code, frame.f_lineno, lines, filename) if known is None else None
+        node = _with_at(code, frame.f_lineno, lines, filename)
         if node is None:
-            lines, index = self._file(file_key, lines, known)
+            lines, index = self._file((filename, hash(tuple(lines))), lines)
             node = _find_with(index, frame.f_lineno, filename)
         else:
             _check_own_lines(node, filename, frame.f_lineno)
@@ -1250,7 +1249,8 @@ class SourceCache:
         )
         return self._blocks.put(key, block)
 
-    def _file(self, key, lines, known):
+    def _file(self, key, lines):
+        known = self._files.get(key)
         if known is not None:
             return known
         tree = ast.parse("".join(lines), key[0])
