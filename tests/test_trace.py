@@ -522,3 +522,36 @@ def test_with_headers_over_several_lines_and_bodies_ending_in_dead_code(seq):
 
     for fn in (split_call, parenthesized, ends_in_global):
         assert torch.equal(fn(), expected), fn.__name__
+
+
+def test_as_name_bound_on_a_later_header_line_is_the_tracer(seq):
+    """``as tracer`` on the last line of a header that spans lines (black's layout of a long
+    call) is bound before the body runs: the header's own lines run as Python wrote them."""
+    model = NNsight(seq)
+    x = torch.rand(1, 5)
+    expected = seq(x)
+
+    def split_call():
+        with model.trace(
+            x
+        ) as tracer:
+            result = tracer.result.save()
+        return result
+
+    def after_no_grad():
+        with torch.no_grad(), model.trace(
+            x
+        ) as tracer:
+            result = tracer.result.save()
+        return result
+
+    def one_item_per_line():
+        with (
+            torch.no_grad(),
+            model.trace(x) as tracer,
+        ):
+            result = tracer.result.save()
+        return result
+
+    for fn in (split_call, after_no_grad, one_item_per_line):
+        assert torch.equal(fn(), expected), fn.__name__

@@ -66,7 +66,10 @@ class SourceUnavailableError(RuntimeError):
 
 
 class BodySkipper:
-    """Make the next line event in ``frame`` raise :class:`SkipBlock`.
+    """Make the first line event of the body (line ``body_line`` on) in ``frame`` raise :class:`SkipBlock`.
+
+    Line events of the header come first where it spans lines (``with model.trace(\n x\n) as
+    tracer:`` binds ``tracer`` on its last line), and they run as written.
 
     Line events only reach ``frame.f_trace`` while some trace function is set,
     so a no-op global one is installed for that moment. CPython drops the global
@@ -74,10 +77,11 @@ class BodySkipper:
     (a debugger, coverage) is put back by ``restore`` from the tracer's ``__exit__``.
     """
 
-    __slots__ = ("frame", "previous_global", "previous_local", "armed")
+    __slots__ = ("frame", "body_line", "previous_global", "previous_local", "armed")
 
-    def __init__(self, frame):
+    def __init__(self, frame, body_line: int):
         self.frame = frame
+        self.body_line = body_line
         self.previous_global = sys.gettrace()
         self.previous_local = frame.f_trace
         self.armed = True
@@ -89,7 +93,7 @@ class BodySkipper:
         # of a body's leading `try:` outside the `with` statement's handler, so there the
         # skip waits for the next line (inside the `try`, whose `except Exception` cannot
         # catch a BaseException, so it reaches the `with`).
-        if event == "line" and self.armed and _handled_at(frame.f_code, frame.f_lasti):
+        if event == "line" and self.armed and frame.f_lineno >= self.body_line and _handled_at(frame.f_code, frame.f_lasti):
             self.armed = False
             frame.f_trace = self.previous_local
             raise SkipBlock()
@@ -1178,7 +1182,7 @@ class CapturedBlock:
 
     def skip(self, frame) -> "BodySkipper | None":
         """Make Python skip the body ``frame`` is about to run; ``restore()`` the result in ``__exit__``."""
-        return None if self.trivial else BodySkipper(frame)
+        return None if self.trivial else BodySkipper(frame, self.body_lineno)
 
     def skipped(self, exc_type) -> bool:
         """Whether ``__exit__`` was reached by skipping the body (so the block is ours to run)."""
