@@ -15,11 +15,20 @@ def test_navigation(gpt2):
     assert model.get("transformer.h.0.mlp")._module is gpt2.transformer.h[0].mlp
     assert model.get("model.transformer.h.1")._module is gpt2.transformer.h[1]
     assert model.transformer.h[0].attn.embed_dim == 32  # attributes pass through
+    # As nnsight 0.8.1 lists them: full paths, each module after its children, the model last.
     names = [name for name, _ in model.named_modules()]
-    assert names == [name for name, _ in gpt2.named_modules()]
+    assert sorted(names) == sorted("model." + name if name else "model" for name, _ in gpt2.named_modules())
+    assert names[-1] == "model" and names.index("model.transformer.h.0.mlp.c_fc") < names.index("model.transformer.h.0.mlp")
     assert len(model.modules()) == len(list(gpt2.modules()))
+    assert [e._module for e in model.transformer.h[1].modules()] == [m for m in _post_order(gpt2.transformer.h[1])]
     assert repr(model) == repr(gpt2)
     assert model.transformer.h[1].path == "model.transformer.h.1"
+
+
+def _post_order(module):
+    for child in module.children():
+        yield from _post_order(child)
+    yield module
 
 
 def test_to_and_plain_call(seq):

@@ -138,7 +138,7 @@ class NNsight(Envoy):
 
     def _module_order(self):
         if self._order is None:
-            order = {envoy._display: i for i, envoy in enumerate(self.modules())}
+            order = {envoy._display: i for i, envoy in enumerate(self._subtree())}
             object.__setattr__(self, "_order", order)
         return self._order
 

@@ -158,7 +158,7 @@ class VLLM(NNsight):
 
     def _module_order(self):
         if self._order is None:
-            order = {envoy._display: i for i, envoy in enumerate(self.modules())}
+            order = {envoy._display: i for i, envoy in enumerate(self._subtree())}
             order["model.logits"] = len(order)
             order["model.samples"] = len(order)
             object.__setattr__(self, "_order", order)

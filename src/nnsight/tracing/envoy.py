@@ -297,16 +297,41 @@ class Envoy(ValueAccess):
                 envoy = getattr(envoy, part)
         return envoy
 
-    def modules(self, include_self=True, *, include_fn=None, names=False):
-        """Every envoy below this one (module tree order).
+    def modules(self, include_fn=None, names=False):
+        """Every envoy of this subtree, children before their parent, a shared module once (as nnsight 0.8.1).
 
-            model.modules(include_fn=lambda e: isinstance(e._module, torch.nn.Linear), names=True)
+            model.modules()[-1] is model
+            model.modules(lambda e: isinstance(e._module, torch.nn.Linear), names=True)   # [(path, envoy), ...]
 
         ``include_fn`` keeps only the envoys it returns true for; ``names=True`` gives
-        ``(path, envoy)`` pairs (both as in nnsight 0.8.1).
+        ``(path, envoy)`` pairs.
         """
-        kept = [e for _, e in self.named_modules(include_self) if include_fn is None or include_fn(e)]
-        return [(e.path, e) for e in kept] if names else kept
+        found, seen = [], set()
+
+        def walk(envoy):
+            if id(envoy._module) in seen:
+                return
+            seen.add(id(envoy._module))
+            for name, module in envoy._module._modules.items():
+                if module is not None:
+                    walk(envoy._child(name))
+            if include_fn is None or include_fn(envoy):
+                found.append((envoy.path, envoy) if names else envoy)
+
+        walk(self)
+        return found
+
+    def named_modules(self, include_fn=None):
+        """``(path, envoy)`` pairs: ``modules(include_fn, names=True)``."""
+        return self.modules(include_fn, names=True)
+
+    def _subtree(self) -> list:
+        """This envoy and every one below it, each before its children (the order modules start running)."""
+        found = [self]
+        for name, module in self._module._modules.items():
+            if module is not None:
+                found.extend(self._child(name)._subtree())
+        return found
 
     @property
     def _parent(self) -> "Envoy | None":
@@ -329,16 +354,6 @@ class Envoy(ValueAccess):
     def root(self) -> "Envoy":
         """The model's envoy, the top of the tree."""
         return self._root
-
-    def named_modules(self, include_self=True):
-        """``(dotted name relative to this envoy, envoy)`` pairs, like ``nn.Module.named_modules``."""
-        found = [("", self)] if include_self else []
-        for name, module in self._module._modules.items():
-            if module is None:
-                continue
-            for sub, envoy in self._child(name).named_modules():
-                found.append((f"{name}.{sub}" if sub else name, envoy))
-        return found
 
     def children(self):
         return self[:]
