@@ -72,6 +72,9 @@ def test_options_modules_dtype_device_inputs(gpt2, gpt2_tokenizer):
     with model.trace("Hello world") as tracer:
         no_out = tracer.cache(modules=[model.lm_head], include_output=False, include_inputs=True)
     assert no_out["lm_head"].output is None and no_out["lm_head"].input is not None
+    with model.trace("Hello world") as tracer:
+        synchronous = tracer.cache(modules=["transformer.h.1.mlp"], non_blocking=False)  # 0.8.1's copy flag
+    assert torch.allclose(synchronous["transformer.h.1.mlp"].output, seen["out"], atol=1e-6)
 
 
 def test_generation_steps_len_and_lists(gpt2, gpt2_tokenizer):

@@ -25,6 +25,7 @@ def _bert():
 def test_text_generation_is_the_language_model_case(folder, gpt2, fresh_gpt2_tokenizer):
     model = TransformersModel(str(folder), task="text-generation")
     assert isinstance(model, LanguageModel) and model.task == "text-generation"
+    assert LanguageModel(gpt2, tokenizer=fresh_gpt2_tokenizer).task == "text-generation"  # as in 0.8.1
     assert not model.dispatched
     with model.trace("Hello world"):
         logits = model.lm_head.output.save()

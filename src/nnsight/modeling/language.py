@@ -70,6 +70,8 @@ class GenerateTracer(Tracer):
 class LanguageModel(AdapterMixin, NNsight):
     """A Hugging Face causal LM behind the nnsight API (see module docstring)."""
 
+    task = "text-generation"  # the pipeline task (TransformersModel sets its own)
+
     def __init__(
         self,
         model,

@@ -64,6 +64,8 @@ class VisionInput:
 class VisionLanguageModel(LanguageModel):
     """A Hugging Face image-text-to-text model behind the nnsight API (see module docstring)."""
 
+    task = "image-text-to-text"
+
     def __init__(self, model, processor=None, tokenizer=None, automodel=None, **kwargs):
         import transformers
 

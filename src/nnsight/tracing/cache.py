@@ -11,6 +11,7 @@ Options of ``tracer.cache(...)`` (the defaults are nnsight 0.8.1's):
     modules          envoys or dotted paths to record (default: every module)
     device           where recorded tensors go (default CPU; None leaves them where they are)
     dtype            cast recorded floating-point tensors to this dtype (default: unchanged)
+    non_blocking     the device copy may overlap the model's work (default True; no effect on CPU)
     detach           store detached tensors, so no autograd graph is kept alive (default True)
     include_output   record each call's output (default True)
     include_inputs   record each call's ``(args, kwargs)`` (default False)
@@ -33,20 +34,20 @@ from .batching import narrow
 from .errors import NNsightError
 
 
-def _convert(value, device, dtype, detach):
+def _convert(value, device, dtype, detach, non_blocking=True):
     if isinstance(value, torch.Tensor):
         if detach:
             value = value.detach()
         if dtype is not None and value.is_floating_point():
             value = value.to(dtype)
         if device is not None:
-            value = value.to(device)
+            value = value.to(device, non_blocking=non_blocking)
         return value
     if isinstance(value, (list, tuple)):
-        items = [_convert(v, device, dtype, detach) for v in value]
+        items = [_convert(v, device, dtype, detach, non_blocking) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, dict):
-        items = {k: _convert(v, device, dtype, detach) for k, v in value.items()}
+        items = {k: _convert(v, device, dtype, detach, non_blocking) for k, v in value.items()}
         return type(value)(**items) if hasattr(value, "__dataclass_fields__") else type(value)(items)
     return value
 
@@ -143,7 +144,7 @@ class Cache:
     """Recorded values of one trace (see module docstring)."""
 
     def __init__(self, model, mediator, modules=None, include_inputs=False, include_output=True, detach=True,
-                 device=torch.device("cpu"), dtype=None):
+                 device=torch.device("cpu"), dtype=None, non_blocking=True):
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise TypeError(f"tracer.cache(dtype=...) must be a torch.dtype, not {dtype!r}")
         self._model = model
@@ -154,6 +155,7 @@ class Cache:
         self._detach = detach
         self._device = torch.device(device) if device is not None else None
         self._dtype = dtype
+        self._non_blocking = bool(non_blocking)
         interleaver = mediator.interleaver
         if modules is None:
             envoys = model.modules()
@@ -175,7 +177,7 @@ class Cache:
         mediator = self._mediator
         il = mediator.interleaver
         call = Call()
-        convert = self._device, self._dtype, self._detach
+        convert = self._device, self._dtype, self._detach, self._non_blocking
         if self._include_output:
             call.output = _convert(narrow(output, mediator.rows, il.batch_size), *convert)
         if self._include_inputs:

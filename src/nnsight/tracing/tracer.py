@@ -378,17 +378,18 @@ class Tracer(BlockContext):
             raise NNsightError("tracer.next() must be called inside the trace's code")
         mediator.goto_step(mediator.step + steps)
 
-    def cache(self, modules=None, include_inputs=False, include_output=True, detach=True, device="cpu", dtype=None):
+    def cache(self, modules=None, include_inputs=False, include_output=True, detach=True, device="cpu", dtype=None,
+              non_blocking=True):
         """Record module values during this trace: ``cache['model.transformer.h.0'].output``.
 
-        Options (see tracing/cache.py): modules, include_inputs, include_output, detach, device, dtype.
+        Options (see tracing/cache.py): modules, include_inputs, include_output, detach, device, dtype, non_blocking.
         """
         from .cache import Cache
 
         mediator = current_mediator()
         if mediator is None:
             raise NNsightError("tracer.cache() must be called inside the trace's code")
-        cache = Cache(self.model, mediator, modules, include_inputs, include_output, detach, device, dtype)
+        cache = Cache(self.model, mediator, modules, include_inputs, include_output, detach, device, dtype, non_blocking)
         _mark_saved(cache)
         return cache
 
