@@ -42,6 +42,34 @@ def test_status_and_is_model_running(models):
     assert nnsight.ndif.status is nnsight.status
 
 
+def test_compare_reads_the_servers_environment(models):
+    """The served process runs this venv, so nothing differs; versions are the installed ones."""
+    import sys
+
+    import torch
+
+    _, _, srv, _ = models
+    comparison = nnsight.compare()
+    assert comparison.python_matches and comparison.remote_python == sys.version.split()[0]
+    assert comparison.packages["torch"] == {"local": torch.__version__, "remote": torch.__version__, "match": True,
+                                            "critical": True}
+    assert comparison.critical_mismatches == {}
+    assert "torch" in str(comparison)
+    assert requests.get(srv.url + "/v1/env").status_code == 401  # behind the API key like every /v1 route
+
+
+def test_env_comparison_flags_what_differs():
+    from nnsight.ndif import EnvComparison
+
+    local = {"python_version": "3.11.7 (main)", "packages": {"torch": "2.13.0", "tqdm": "4.0", "mine": "local"}}
+    remote = {"python_version": "3.12.1 (main)", "packages": {"torch": "2.12.0", "tqdm": "4.0", "extra": "1.0"}}
+    comparison = EnvComparison(local, remote)
+    assert not comparison.python_matches
+    assert set(comparison.mismatches) == {"torch", "extra"} and set(comparison.critical_mismatches) == {"torch"}
+    assert "mine" not in comparison.packages  # the user's own modules travel by value
+    assert "differs (critical)" in str(comparison) and "2 mismatches, 1 critical" in repr(comparison)
+
+
 def test_status_of_an_unreachable_server_is_empty(remote_config, capsys):
     remote_config.API.HOST = "http://127.0.0.1:9"
     assert nnsight.is_model_running("tiny-gpt2") is False

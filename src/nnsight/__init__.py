@@ -15,7 +15,7 @@ from .modeling.vision_language import VisionLanguageModel
 from .modeling.transformers import TransformersModel
 from .tracing.errors import MissedValueError, NNsightDeprecationWarning, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
-from .ndif import get_local_env, is_model_running, register, status
+from .ndif import compare, get_local_env, is_model_running, register, status
 
 __version__ = "0.1.0"
 
@@ -37,5 +37,6 @@ __all__ = [
     "status",
     "is_model_running",
     "get_local_env",
+    "compare",
     "__version__",
 ]

@@ -5,6 +5,7 @@
     print(nnsight.status())                    # the server's models and their state
     nnsight.is_model_running("tiny-gpt2")      # True once that model's worker is ready
     nnsight.ndif.get_local_env()               # {"python_version": ..., "packages": {name: version | "local"}}
+    print(nnsight.compare())                   # this Python's packages against the server's
 
 The server is ``CONFIG.API.HOST`` (environment: ``NNSIGHT_HOST``, or ``NDIF_HOST``).
 """
@@ -81,4 +82,68 @@ def get_local_env() -> dict:
     return {"python_version": sys.version, "packages": packages}
 
 
-__all__ = ["register", "status", "is_model_running", "get_local_env", "Status"]
+# Packages whose versions decide what a traced block computes or how it is sent.
+CRITICAL_PACKAGES = frozenset({"torch", "transformers", "nnsight", "numpy", "accelerate", "safetensors", "tokenizers"})
+
+
+class EnvComparison:
+    """This Python's environment against the server's (``print`` it for a table).
+
+        comparison = nnsight.compare()
+        comparison.python_matches        # same major.minor Python
+        comparison.mismatches            # {package: {"local", "remote", "match", "critical"}} that differ
+        comparison.critical_mismatches   # those of CRITICAL_PACKAGES
+
+    Packages only one side has are listed as ``None`` on the other; the user's own
+    ("local") modules are left out, since they travel with the request by value.
+    """
+
+    def __init__(self, local_env: dict, remote_env: dict):
+        self.local_python = local_env["python_version"].split()[0]
+        self.remote_python = remote_env["python_version"].split()[0]
+        local = {k: v for k, v in local_env["packages"].items() if v != "local"}
+        remote = dict(remote_env["packages"])
+        self.packages = {
+            name: {"local": local.get(name), "remote": remote.get(name), "match": local.get(name) == remote.get(name),
+                   "critical": name.lower() in CRITICAL_PACKAGES}
+            for name in sorted(set(local) | set(remote))
+        }
+
+    @property
+    def python_matches(self) -> bool:
+        return self.local_python.split(".")[:2] == self.remote_python.split(".")[:2]
+
+    @property
+    def mismatches(self) -> dict:
+        return {name: row for name, row in self.packages.items() if not row["match"]}
+
+    @property
+    def critical_mismatches(self) -> dict:
+        return {name: row for name, row in self.mismatches.items() if row["critical"]}
+
+    def __str__(self):
+        rows = [f"{'package':<28} {'local':<16} {'remote':<16}", f"{'python':<28} {self.local_python:<16} {self.remote_python:<16}"]
+        for name, row in self.packages.items():
+            if row["critical"] or not row["match"]:
+                mark = "" if row["match"] else ("  <- differs (critical)" if row["critical"] else "  <- differs")
+                rows.append(f"{name:<28} {str(row['local']):<16} {str(row['remote']):<16}{mark}")
+        return "\n".join(rows)
+
+    def __repr__(self):
+        return f"EnvComparison({len(self.mismatches)} mismatches, {len(self.critical_mismatches)} critical)"
+
+
+def get_remote_env() -> dict:
+    """The server's ``{"python_version": ..., "packages": {...}}`` (``GET /v1/env``)."""
+    from .remote.client import fetch_env
+
+    return fetch_env()
+
+
+def compare() -> EnvComparison:
+    """This Python's packages against the server's: ``print(nnsight.compare())``."""
+    return EnvComparison(get_local_env(), get_remote_env())
+
+
+__all__ = ["register", "status", "is_model_running", "get_local_env", "get_remote_env", "compare", "EnvComparison",
+           "Status"]

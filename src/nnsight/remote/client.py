@@ -122,6 +122,12 @@ def fetch_status() -> tuple[dict, list]:
     return health, models
 
 
+def fetch_env() -> dict:
+    """``GET /v1/env``: the server's Python version and packages."""
+    http = _session()
+    return _check(http.get(_url("/v1/env"), headers=_headers(), timeout=_config().API.TIMEOUT)).json()
+
+
 def _connection_errors() -> tuple:
     """Failures of the connection itself (after which polling may still work), not errors the server reported."""
     import requests

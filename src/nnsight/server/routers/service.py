@@ -2,6 +2,7 @@
 
     GET /health    ServerHealth: ok/degraded, each model's state, queue length, uptime, the workers' isolation layers
     GET /metrics   queue depth, running jobs, batch sizes, queue wait, sandbox-check time, job durations, counters
+    GET /v1/env    ServerEnv: the server's Python version and installed packages (``nnsight.compare()``)
     GET /          a small HTML page (no job contents)
 """
 
@@ -12,9 +13,10 @@ import time
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, PlainTextResponse
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from ...remote.schema import Health
+from ..auth import api_key
 from ..state import ServerState, server_state
 
 router = APIRouter(tags=["service"])
@@ -35,6 +37,20 @@ def health(state: ServerState = Depends(server_state)):
     return ServerHealth(status="ok" if ok else "degraded", models=states, queue=len(state.queue),
                         uptime_s=time.time() - state.started, isolation=state.isolation,
                         co_batch=state.settings.co_batch)
+
+
+class ServerEnv(BaseModel):
+    python_version: str = Field(description="sys.version of the server")
+    packages: dict[str, str] = Field(description="import name -> installed version (the server's own modules left out)")
+
+
+@router.get("/v1/env", response_model=ServerEnv)
+def environment(key_id: str = Depends(api_key)):
+    from ...ndif import get_local_env
+
+    env = get_local_env()
+    return ServerEnv(python_version=env["python_version"],
+                     packages={name: v for name, v in env["packages"].items() if v != "local"})
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
