@@ -42,7 +42,7 @@ import torch
 
 from ..tracing.envoy import Envoy
 from ..tracing.errors import NNsightError
-from ..tracing.interleaver import current_mediator
+from ..tracing.interleaver import active_hook, current_mediator
 from ..tracing.tracer import Tracer
 from .adapters import AdapterMixin, with_adapter_option
 from ..util import WrapperModule
@@ -359,7 +359,8 @@ class _StepStreamer:
         self.user = user
 
     def put(self, value):
-        self.module(value)
+        if active_hook(self.module) is not None:  # a call no trace reads would only cost its dispatch
+            self.module(value)
         if self.user is not None:
             self.user.put(value)
 
