@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import nnsight
+
 pytest.importorskip("RestrictedPython")
 pytest.importorskip("greenlet")
 
@@ -252,12 +254,12 @@ def test_generate_settings_decide_who_shares(model):
     body = "    tokens = model.generator.output.save()\n"
     jobs = [gen_job(0, body), gen_job(1, body, {"max_new_tokens": 2, "min_new_tokens": 2}), gen_job(2, body),
             gen_job(3, body, {**FIXED, "do_sample": True}),  # sampling: one random stream in batch order
-            gen_job(4, body, {"max_new_tokens": 3}),  # an end-of-sequence token could end it early alone
+            gen_job(4, body, {"max_new_tokens": 3}),  # may end early at its end-of-sequence token: shares with g11
             gen_job(5, "    r = tracer.result.save()\n"), gen_job(6, body, {**FIXED, "num_beams": 2}),
             gen_job(7, body, {**FIXED, "streamer": None}), gen_job(8, body, prompt="A much longer prompt than the others"),
-            job(9, body), gen_job(10, body, {**FIXED, "temperature": 1.0})]
+            job(9, body), gen_job(10, body, {**FIXED, "temperature": 1.0}), gen_job(11, body, {"max_new_tokens": 3})]
     groups = [[j["id"] for j in g] for g in plan_batches(model, jobs, 8)]
-    assert groups == [["g0", "g2"], ["g1"], ["g3"], ["g4"], ["g5"], ["g6"], ["g7"], ["g8"], ["cb9"], ["g10"]]
+    assert groups == [["g0", "g2"], ["g1"], ["g3"], ["g4", "g11"], ["g5"], ["g6"], ["g7"], ["g8"], ["cb9"], ["g10"]]
     assert uses_whole_forward(job(0, "    for s in tracer.iter[:]:\n        pass\n")["request"])
     assert not uses_whole_forward(gen_job(0, "    for s in tracer.iter[:]:\n        pass\n")["request"])
 
@@ -289,3 +291,110 @@ def test_a_generate_error_fails_only_its_request(model):
     assert out["g1"]["type"] == "ZeroDivisionError"
     for g in good:
         assert_same(out[g["id"]], alone(model, g))
+
+
+# -- generate: a request that reaches its end-of-sequence token ends there, its batch-mates go on ----------
+
+UNTIL_EOS = {"max_new_tokens": 6}
+EOS_AT = 2  # the step at which "The cat sat on" (under STEPS) emits the model's end-of-sequence token
+CAT, DOG, BIRD, CAR = range(4)  # indices into PROMPTS
+
+
+@pytest.fixture(scope="module")
+def eos_model(gpt2_module, gpt2_tokenizer):
+    """The test GPT-2 with end-of-sequence ids that "The cat sat on" emits at step EOS_AT and "A red car
+    went" at step 0, while the dog's and the bird's prompts never do (checked here, on the model's own tokens)."""
+    import copy
+
+    model = LanguageModel(copy.deepcopy(gpt2_module), tokenizer=gpt2_tokenizer)
+    free = [alone(model, gen_job(i, STEPS, {"max_new_tokens": 6, "min_new_tokens": 6}))["tokens"][0, 4:].tolist()
+            for i in range(4)]
+    stop, early = free[CAT][EOS_AT], free[CAR][0]
+    never = free[DOG] + free[BIRD]
+    assert stop not in free[CAT][:EOS_AT] and stop not in never and early not in never + free[CAT], free
+    model._module.generation_config.eos_token_id = [stop, early]
+    return model
+
+
+def multi_job(name, prompts, body=STEPS):
+    request = gen_job(0, body, UNTIL_EOS)["request"]
+    return {"id": name, "request": {**request, "inputs": [list(prompts)]}}
+
+
+def test_a_request_ending_at_eos_equals_its_solo_run(eos_model):
+    jobs = [gen_job(i, STEPS, UNTIL_EOS) for i in (CAT, DOG, BIRD)]
+    assert [len(g) for g in plan_batches(eos_model, jobs, 8)] == [3]
+    batches = []
+    out = together(eos_model, jobs, batches=batches)
+    assert batches == [3] * 6  # one shared generate: the dog and the bird go on after the cat has ended
+    cat, dog = out[f"g{CAT}"], out[f"g{DOG}"]
+    assert cat["tokens"].shape == (1, 4 + EOS_AT + 1) and cat["steps"].shape[0] == EOS_AT + 1  # its loop ended at its EOS
+    assert dog["tokens"].shape == (1, 4 + 6) and dog["steps"].shape[0] == 6
+    for j in jobs:
+        solo = alone(eos_model, j)
+        assert torch.equal(out[j["id"]]["tokens"], solo["tokens"])
+        assert_same(out[j["id"]], solo)
+
+
+def test_a_request_with_several_rows_ends_when_all_are_done(eos_model):
+    pair = multi_job("pair", [PROMPTS[CAT], PROMPTS[CAR]])  # the car's row finishes at step 0, the cat's at EOS_AT
+    jobs = [pair, gen_job(DOG, STEPS, UNTIL_EOS)]
+    batches = []
+    out = together(eos_model, jobs, batches=batches)
+    assert batches == [3] * 6
+    mine, solo = out["pair"], alone(eos_model, pair)
+    assert mine["tokens"].shape == (2, 4 + EOS_AT + 1) and mine["steps"].shape[:2] == (EOS_AT + 1, 2)
+    pad = eos_model.tokenizer.eos_token_id  # the pad id generate is given (the tokenizer has no pad token)
+    assert mine["tokens"][1, 5:].tolist() == [pad] * EOS_AT  # its finished row carries pads, as alone
+    assert torch.equal(mine["tokens"], solo["tokens"])
+    assert_same(mine, solo)
+    assert_same(out[f"g{DOG}"], alone(eos_model, jobs[1]))
+
+
+HALVE = "        model.transformer.h[1].mlp.output[:, -1] = model.transformer.h[1].mlp.output[:, -1] * 0.5\n"  # as STEPS
+AFTER_THE_END = {  # each edits every step it sees as STEPS does, so the cat still ends at EOS_AT
+    "a bounded loop past its end": "    seen = []\n    for step in tracer.iter[0:6]:\n" + HALVE + "        seen.append(step)\n"
+                                   "        seen.append(int(model.generator.streamer.output[0]))\n"
+                                   "    seen = torch.tensor(seen).save()\n    tokens = model.generator.output.save()\n",
+    "a read after its last step": "    for step in tracer.iter[:]:\n" + HALVE + "        last = model.lm_head.output.save()\n"
+                                  "    after = model.transformer.h[0].output.save()\n",
+    "a step it never reached": "    for step in tracer.iter[0:6]:\n" + HALVE + "        if step == 4:\n"
+                               "            late = model.lm_head.output.save()\n",
+}
+
+
+@pytest.mark.parametrize("what", sorted(AFTER_THE_END))
+def test_an_ended_request_sees_no_later_step(eos_model, what):
+    ending = gen_job(CAT, AFTER_THE_END[what], UNTIL_EOS)
+    out = together(eos_model, [ending, gen_job(DOG, STEPS, UNTIL_EOS)])
+    mine, solo = out[ending["id"]], alone(eos_model, ending)
+    if "type" in solo:  # a value after its end is missed, as in its solo run
+        assert mine["type"] == solo["type"] == "MissedValueError"
+        if what == "a step it never reached":  # a module it used before: the same words too
+            assert mine["message"] == solo["message"]
+    else:
+        assert_same(mine, solo)
+    if what == "a bounded loop past its end":
+        assert mine["seen"].tolist()[::2] == list(range(EOS_AT + 1)) and torch.equal(mine["tokens"], solo["tokens"])
+    if what == "a step it never reached":
+        assert "late" not in mine and "late" not in solo
+    assert out[f"g{DOG}"]["steps"].shape[0] == 6
+
+
+@pytest.mark.parametrize("what", sorted(GENERATE_HOSTILE))
+def test_hostile_generate_request_beside_requests_that_end_early(eos_model, what):
+    victims = [gen_job(i, STEPS, UNTIL_EOS) for i in (CAT, BIRD)]
+    attacker = gen_job(DOG, GENERATE_HOSTILE[what], UNTIL_EOS)  # never ends early: it runs on after the cat
+    attacked(eos_model, victims, attacker)
+
+
+def test_local_invokes_see_every_step_as_in_nnsight_081(eos_model):
+    # nnsight 0.8.1: in a local generate every invoke runs to the batch's end, EOS or not.
+    with eos_model.generate(max_new_tokens=6) as tracer:
+        with tracer.invoke(PROMPTS[CAT]):
+            cat_steps = [step for step in tracer.iter[:]]
+            cat_steps = nnsight.save(cat_steps)
+            cat = eos_model.generator.output.save()
+        with tracer.invoke(PROMPTS[DOG]):
+            dog = eos_model.generator.output.save()
+    assert cat_steps == list(range(6)) and cat.shape == dog.shape == (1, 4 + 6)

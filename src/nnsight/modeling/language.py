@@ -45,6 +45,7 @@ from ..tracing.errors import NNsightError
 from ..tracing.interleaver import active_hook, current_mediator
 from ..tracing.tracer import Tracer
 from .adapters import AdapterMixin, with_adapter_option
+from .invoke_ends import with_invoke_ends
 from ..util import WrapperModule
 from .base import NNsight
 
@@ -62,9 +63,17 @@ _DEFAULT = object()
 class GenerateTracer(Tracer):
     """``with model.generate(...)``: the block runs across every forward of ``generate``."""
 
+    # Whether each invoke ends at its own rows' end of sequence, as if run alone (the server's
+    # co-batches, see modeling/invoke_ends.py). Off here: in nnsight 0.8.1 every invoke of a
+    # local generate sees every step of the batch, and its rows of the whole output.
+    invokes_end_alone = False
+
     def _run(self, interleaver, args, kwargs):
         model = self.model
-        return interleaver.run(lambda: model._generate(args, kwargs, self._run_kwargs), steps_from=model)
+        run_kwargs = self._run_kwargs
+        if self.invokes_end_alone:
+            run_kwargs = with_invoke_ends(model._module, interleaver, run_kwargs)
+        return interleaver.run(lambda: model._generate(args, kwargs, run_kwargs), steps_from=model)
 
 
 class LanguageModel(AdapterMixin, NNsight):

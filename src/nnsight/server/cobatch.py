@@ -16,12 +16,14 @@ Who may share a forward (decided per request, before it runs):
       prompts tokenize to the same padded width as its batch-mates' (so every row is
       computed exactly as it would be alone, with the same shapes);
     * a ``generate`` with text inputs of the same padded width, whose generation settings
-      equal its batch-mates' and make every row run the same number of steps as it would
-      alone (``fixed_generation``): greedy (``do_sample`` off, one beam), only the settings
-      in ``GENERATE_SETTINGS``, and a fixed length (``min_new_tokens >= max_new_tokens``, or
-      a model without an end-of-sequence token). An end-of-sequence token could end one row
-      early when alone while its batch-mates go on, and sampling draws from one random
-      stream in batch order, so those requests run alone;
+      equal its batch-mates' and make every row compute what it would alone
+      (``fixed_generation``): greedy (``do_sample`` off, one beam) and only the settings in
+      ``GENERATE_SETTINGS``. Sampling draws from one random stream in batch order, so it
+      runs alone. An end-of-sequence token may end a request before its batch-mates: its
+      invoke then ends at that step (``GroupGenerateTracer``, modeling/invoke_ends.py), as
+      its solo run would: its step loops end there, its code sees no later step, and
+      ``model.generator.output`` is its rows cut to its solo length (rows of it that
+      finished earlier carry pad tokens, as they do alone);
     * whose code uses none of the features that act on the whole forward or need
       their own pass: ``tracer.stop()``, ``.invoke``, ``.backward``/``.grad``, ``.skip``,
       ``.edit``, ``.cache``, barriers, ``.source``, ``requires_grad``, ``tracer.result``
@@ -79,7 +81,11 @@ def uses_whole_forward(request: dict) -> bool:
 
 
 def fixed_generation(model, kwargs: dict):
-    """``kwargs`` of a generate as a sorted tuple when every row runs as it would alone (see module docstring); else None."""
+    """``kwargs`` of a generate as a sorted tuple when every row runs as it would alone (see module docstring); else None.
+
+    Greedy, one beam, only ``GENERATE_SETTINGS``: a fixed number of steps, or one that an
+    end-of-sequence token ends early (each request's invoke then ends at its own end).
+    """
     if not isinstance(kwargs, dict) or not set(kwargs) <= GENERATE_SETTINGS:
         return None
     if not all(value is None or type(value) in (bool, int, float) for value in kwargs.values()):
@@ -93,10 +99,6 @@ def fixed_generation(model, kwargs: dict):
 
     if setting("do_sample") or (setting("num_beams") or 1) != 1:
         return None
-    most, least = kwargs.get("max_new_tokens"), setting("min_new_tokens") or 0
-    eos = getattr(config, "eos_token_id", None)
-    if eos is not None and eos != [] and not (isinstance(most, int) and least >= most):
-        return None  # an end-of-sequence token may end a row early alone, but not in the batch
     return tuple(sorted(kwargs.items()))
 
 
@@ -222,7 +224,13 @@ class GroupTracer(Tracer):
 
 
 class GroupGenerateTracer(GroupTracer, GenerateTracer):
-    """A request's generate in a co-batch: its invoke runs across the steps of one shared ``generate``."""
+    """A request's generate in a co-batch: its invoke runs across the steps of one shared ``generate``,
+    and ends where its solo run would (when all its rows have emitted an end-of-sequence token)."""
+
+    @property
+    def invokes_end_alone(self):
+        # Only in the shared pass: a request that runs alone keeps the local rule for its own invokes.
+        return self.group.batched
 
 
 class JobTimeout(BaseException):

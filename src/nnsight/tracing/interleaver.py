@@ -359,6 +359,8 @@ class Mediator:
         self.loop = None  # the tracer.iter loop this body is in (see StepLoop)
         self.last = None  # Request last served, for error messages
         self.done = False
+        self.end = None  # the last generation step this invoke runs, when it ends before the batch (end_invoke)
+        self.trim = None  # what makes the run's result this invoke's own (end_invoke)
         self.served = 0
         self.views = {}  # id(row view) -> (view, full tensor): gradients of an invoke's rows
         self.writebacks = []  # [delivery, kind, make_value, key, view] for eproperty transforms, see write_back
@@ -474,12 +476,12 @@ class Mediator:
             self.offsets = None
 
     def wait_for_step(self, step) -> bool:
-        """Park until forward number ``step`` begins; False if the model finished first."""
+        """Park until forward number ``step`` begins; False if the model (or this invoke) finished first."""
         il = self.interleaver
-        if il.finished:
-            return step <= il.step
-        if step <= il.step:
+        if step <= il.last_step(self):
             return True
+        if il.finished:
+            return False
         self.pending = StepRequest(step)
         self.current = None
         return self.interleaver.main.switch()
@@ -487,7 +489,7 @@ class Mediator:
     def wait_for_result(self):
         il = self.interleaver
         if il.finished:
-            return narrow(il.result, self.rows, il.batch_size)
+            return il.result_for(self)
         self.pending = ResultRequest()
         self.current = None
         return il.main.switch()
@@ -629,6 +631,8 @@ class Interleaver:
         skip = _MISSING
         skips = None
         for mediator in self.mediators:
+            if mediator.end is not None and step > mediator.end:
+                continue  # it has ended (end_invoke): it sees nothing of later steps
             request = mediator.pending
             while (
                 request is not None
@@ -685,9 +689,29 @@ class Interleaver:
         step = self.step
         for mediator in self.mediators:
             request = mediator.pending
-            if type(request) is StepRequest and request.step == step:
+            if type(request) is StepRequest and request.step == step and mediator.end is None:
                 mediator.pending = None
                 self._resume(mediator, True)
+
+    def end_invoke(self, mediator, trim=None):
+        """End ``mediator``'s run at the current step while the batch goes on.
+
+        From then on it is as if the model had finished for it: no later step begins
+        and no later value reaches it (its code goes on only once the run is over, as
+        after a solo run), and its result is ``trim(its rows of the result)``.
+        """
+        if mediator.end is None:
+            mediator.end = self.step
+            mediator.trim = trim
+
+    def last_step(self, mediator) -> int:
+        """The last step ``mediator`` runs: the model's, unless it ended first (end_invoke)."""
+        return self.step if mediator.end is None else mediator.end
+
+    def result_for(self, mediator):
+        """The run's result as ``mediator`` sees it: its rows, trimmed if it ended early."""
+        value = narrow(self.result, mediator.rows, self.batch_size)
+        return value if mediator.trim is None else mediator.trim(value)
 
     # -- running -----------------------------------------------------------
 
@@ -751,7 +775,7 @@ class Interleaver:
                     progress = True
                 elif type(request) is ResultRequest:
                     mediator.pending = None
-                    self._resume(mediator, narrow(self.result, mediator.rows, self.batch_size))
+                    self._resume(mediator, self.result_for(mediator))
                     progress = True
                 elif type(request) is Request and not self.stepping and mediator.loop is not None:
                     if mediator.loop.reached_end(mediator.step):
@@ -793,7 +817,7 @@ class Interleaver:
                 f"by then. Within one invoke, access modules in the order the model executes them "
                 f"(read {request.hook.path} before {last.hook.path}), or use a separate tracer.invoke()."
             )
-        ran = request.hook.step is not None and request.hook.step >= request.step
+        ran = request.hook.step is not None and request.hook.step >= request.step and request.step <= self.last_step(mediator)
         if ran:
             return MissedValueError(
                 f"{wanted} was requested, but {request.hook.path} ran only {request.hook.count} time(s) in this "

@@ -116,7 +116,7 @@ class StepLoop:
             for step in steps:
                 if not mediator.wait_for_step(step):
                     if not open_ended:
-                        _warn_unreached(remaining, mediator.interleaver.step + 1, "generation step(s)")
+                        _warn_unreached(remaining, mediator.interleaver.last_step(mediator) + 1, "generation step(s)")
                     break
                 mediator.goto_step(step)
                 last = step
