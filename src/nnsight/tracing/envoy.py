@@ -306,20 +306,21 @@ class Envoy(ValueAccess):
         ``include_fn`` keeps only the envoys it returns true for; ``names=True`` gives
         ``(path, envoy)`` pairs.
         """
-        found, seen = [], set()
-
-        def walk(envoy):
-            if id(envoy._module) in seen:
-                return
-            seen.add(id(envoy._module))
-            for name, module in envoy._module._modules.items():
-                if module is not None:
-                    walk(envoy._child(name))
-            if include_fn is None or include_fn(envoy):
-                found.append((envoy.path, envoy) if names else envoy)
-
-        walk(self)
+        found = []
+        self._post_order(set(), include_fn, names, found)
         return found
+
+    def _post_order(self, seen: set, include_fn, names: bool, found: list) -> None:
+        # A method, not a closure that calls itself: such a closure is a reference cycle that
+        # keeps the model alive until the garbage collector runs.
+        if id(self._module) in seen:
+            return
+        seen.add(id(self._module))
+        for name, module in self._module._modules.items():
+            if module is not None:
+                self._child(name)._post_order(seen, include_fn, names, found)
+        if include_fn is None or include_fn(self):
+            found.append((self.path, self) if names else self)
 
     def named_modules(self, include_fn=None):
         """``(path, envoy)`` pairs: ``modules(include_fn, names=True)``."""
