@@ -42,6 +42,15 @@ def test_misspelt_module_lists_children(gpt2):
     assert "model.transformer" in str(info.value) and "hh" in str(info.value) and "wte" in str(info.value)
 
 
+def test_a_module_one_level_down_is_named_in_the_error(gpt2):
+    # The public docs write `model.layers` for a model whose layers sit below a child.
+    model = NNsight(gpt2)
+    with pytest.raises(AttributeError, match=r"further down: model\.transformer\.h\.") as info:
+        model.h
+    assert "Its child modules are: transformer, lm_head" in str(info.value)
+    assert not hasattr(model, "no_such_module")
+
+
 def test_index_past_the_end(gpt2):
     model = NNsight(gpt2)
     with pytest.raises(IndexError, match=r"model\.transformer\.h .*2 modules.*99"):

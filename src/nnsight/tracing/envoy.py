@@ -217,9 +217,18 @@ class Envoy(ValueAccess):
         children = [n for n, m in module._modules.items() if m is not None]
         if aliases is not None:
             children += [f"{a} (alias)" for a in aliases.aliases_of(self._parts())]
+        # Docs often write `model.layers` for a model whose layers sit one level down.
+        # Two levels down at most: a failed hasattr() must stay cheap on a model of thousands of modules.
+        deeper = [
+            f"{child_name}.{name}"
+            for child_name, child in module._modules.items()
+            if child is not None and child._modules.get(name) is not None
+        ]
+        hint = f" A module of that name is further down: {', '.join(f'{self._display}.{p}' for p in deeper)}." if deeper else ""
         raise AttributeError(
             f"{self._display} ({type(module).__name__}) has no module or attribute {name!r}. "
             + (f"Its child modules are: {', '.join(children)}." if children else "It has no child modules.")
+            + hint
         ) from None
 
     def __setattr__(self, name, value):
