@@ -882,7 +882,7 @@ class _SaveRewriter(_Transformer):
             steps = _loc(
                 ast.Call(func=ast.Attribute(ast.Name(RT, ast.Load()), "block_form_steps", ast.Load()),
                          args=[item.context_expr], keywords=[]),
-                node,
+                item.context_expr,  # not `node`: a method call spanning the body would report its last line
             )
             return _ending_loop(ast.For(target=target, iter=steps, body=node.body, orelse=[]), node)
         return node
