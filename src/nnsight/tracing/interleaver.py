@@ -31,7 +31,7 @@ import greenlet
 import torch
 
 from .batching import merge, narrow
-from .errors import MissedValueError, NNsightError, OutOfOrderError
+from .errors import AfterRunError, MissedValueError, NNsightError, OutOfOrderError
 
 _MISSING = object()
 
@@ -599,7 +599,7 @@ class Interleaver:
         hook = self.hooks.get(key)
         if hook is None:
             if self.finished:
-                raise MissedValueError(
+                raise AfterRunError(
                     f"{envoy._display} was requested after the model had finished running; "
                     "values exist only while the model runs"
                 )
