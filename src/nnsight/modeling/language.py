@@ -6,9 +6,9 @@
     with model.trace("The Eiffel Tower is in the city of"):
         logits = model.lm_head.output.save()
     with model.generate("Hello", max_new_tokens=5) as tracer:
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             ...
-        tokens = model.generator.output.save()
+        tokens = tracer.result.save()
 
 Options:
     model           a repo id / local folder, "smollm2-135m", or a built ``PreTrainedModel``

@@ -123,7 +123,7 @@ class StepRequest:
 
 
 class ResultRequest:
-    """Waits for the value the whole run returns (``tracer.result``, ``model.generator.output``)."""
+    """Waits for the value the whole run returns (``tracer.result``; the deprecated ``model.generator.output``)."""
 
     __slots__ = ()
     hook = None
