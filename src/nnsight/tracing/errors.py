@@ -22,7 +22,7 @@ class MissedValueError(NNsightError, RuntimeError):
 
 
 class AfterRunError(MissedValueError, OutOfOrderError):
-    """Code asked for a module's value after the model had finished (e.g. after ``tracer.result``).
+    """Code asked for a module's value after it had waited for ``tracer.result`` (the end of the run).
 
     Both a ``MissedValueError`` (the value is gone) and an ``OutOfOrderError`` (what nnsight 0.8.1
     raises when a value is asked for after the result), so code catching either keeps working.
