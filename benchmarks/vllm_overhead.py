@@ -64,7 +64,7 @@ def main():
         with model.trace(temperature=0.0, max_tokens=args.tokens, ignore_eos=True) as tracer:
             for i, prompt in enumerate(PROMPTS):
                 with tracer.invoke(prompt):
-                    with tracer.iter[:]:
+                    for _ in tracer.iter[:]:
                         saved[i].append(layer.output[0])
         return saved  # filled in place by the invokes
 

@@ -81,13 +81,13 @@ def main():
     # 5. Generation with an intervention on one step only.
     with model.generate(prompt, max_new_tokens=6, do_sample=False) as tracer:
         steps = list().save()
-        with tracer.iter[:] as step:
+        for step in tracer.iter[:]:
             if step == 1:
                 layers[10].output[:] = 0
             steps.append(model.lm_head.output[0, -1].argmax(-1))
-        tokens_out = model.generator.output.save()
+        tokens_out = tracer.result.save()
     with model.generate(prompt, max_new_tokens=6, do_sample=False) as tracer:
-        clean = model.generator.output.save()
+        clean = tracer.result.save()
     print(f"5. Greedy continuation:                      {tok.decode(clean[0][-6:])!r}")
     print(f"   with layer 10 zeroed on step 1 only:       {tok.decode(tokens_out[0][-6:])!r}")
     print(f"\nLogit-lens heatmap written to {picture}. Total time {time.perf_counter() - start:.1f} s.")

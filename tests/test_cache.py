@@ -84,7 +84,7 @@ def test_generation_steps_len_and_lists(gpt2, gpt2_tokenizer):
     with model.generate("Hello", max_new_tokens=3) as tracer:
         cache = tracer.cache(modules=[model.lm_head])
         logits = list().save()
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             logits.append(model.lm_head.output)
     view = cache.lm_head  # the short form
     assert len(view) == 3 and len(view.output) == 3 and len(view.calls) == 3

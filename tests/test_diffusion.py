@@ -31,7 +31,7 @@ def test_per_step_reads_equal_plain_hooks(sd_pipeline):
     with model.generate("a cat", num_inference_steps=STEPS, seed=0, output_type="latent") as tracer:
         text = model.text_encoder.output.last_hidden_state.save()
         reads = []
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             reads.append(model.unet.down_blocks[1].resnets[0].output.save())
     recorded = []
     _plain(sd_pipeline, ["a cat"], [0], [(sd_pipeline.unet.down_blocks[1].resnets[0], lambda m, i, o: recorded.append(o))])
@@ -45,7 +45,7 @@ def test_per_step_reads_equal_plain_hooks(sd_pipeline):
 def test_zeroing_a_block_at_step_k_matches_a_hand_patched_forward(sd_pipeline):
     model = DiffusionModel(sd_pipeline)
     with model.generate("a cat", num_inference_steps=STEPS, seed=0, output_type="latent") as tracer:
-        with tracer.iter[1]:
+        for step in tracer.iter[1]:
             model.unet.mid_block.output = torch.zeros_like(model.unet.mid_block.output)
         latents = model.output.images.save()
     calls = []
@@ -141,7 +141,7 @@ def test_trace_is_one_step_and_the_decode_is_read_as_its_first_call(sd_pipeline)
         handle.remove()
     assert len(calls) == 1 and decoded_once.shape == (1, 3, 16, 16)
     with model.generate("a cat", num_inference_steps=STEPS, seed=0) as tracer:
-        with tracer.iter[STEPS - 1]:
+        for step in tracer.iter[STEPS - 1]:
             last_noise = model.unet.output[0].save()
         decoded = model.vae.decoder.output.save()   # after the loop: its first (only) call again
     recorded = {}
@@ -202,7 +202,7 @@ def test_a_transformer_denoiser_steps_and_batches(pixart_pipeline):
     with model.generate(num_inference_steps=2, **PIXART) as tracer:
         with tracer.invoke("a cat", seed=0):
             cat_blocks = []
-            with tracer.iter[:]:
+            for step in tracer.iter[:]:
                 cat_blocks.append(model.transformer.transformer_blocks[1].output.save())
         with tracer.invoke("a dog", seed=1):
             dog = model.output.images.save()

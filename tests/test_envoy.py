@@ -114,3 +114,67 @@ def test_device_and_devices_fall_back_to_the_parameters():
         device = "its own"
 
     assert NNsight(OwnDevice()).device == "its own"  # the module's own attribute wins
+
+
+class _WithLooseModules(torch.nn.Module):
+    """A module that keeps one submodule out of ``_modules`` and names others through properties."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 4)
+        object.__setattr__(self, "loose", torch.nn.Linear(4, 4))  # called in forward, never registered
+
+    @property
+    def base_model(self):
+        return self
+
+    @property
+    def first(self):
+        return self.body
+
+    def forward(self, x):
+        return self.loose(self.body(x))
+
+
+def test_modules_reached_through_plain_attributes_are_envoys():
+    torch.manual_seed(0)
+    net = _WithLooseModules()
+    model = NNsight(net)
+    # A property naming the module itself or one of the tree's modules gives the tree's own envoy.
+    assert model.base_model is model
+    assert model.first is model.body and model.first.path == "model.body"
+    # An unregistered module gets an envoy of its own, whose values can be read like a child's.
+    loose = model.loose
+    assert loose._module is net.loose and loose.path == "model.loose" and model.loose is loose
+    assert "model.loose" not in [path for path, _ in model.named_modules()]
+    seen = {}
+    handle = net.loose.register_forward_hook(lambda m, args, out: seen.update(input=args[0].clone()))
+    x = torch.rand(2, 4)
+    try:
+        with model.trace(x):
+            loose_in = model.loose.input.save()
+            model.loose.output[:] = 0
+            out = model.output.save()
+    finally:
+        handle.remove()
+    assert torch.equal(loose_in, seen["input"]) and torch.equal(loose_in, net.body(x))
+    assert torch.equal(out, torch.zeros(2, 4))
+    assert not torch.equal(model(x), out)  # nothing stays on the module after the trace
+
+
+def test_base_model_of_a_transformers_model_is_its_transformer_envoy(gpt2):
+    model = NNsight(gpt2)
+    assert gpt2.base_model is gpt2.transformer
+    assert model.base_model is model.transformer
+    assert model.config is gpt2.config  # other attributes still pass through as they are
+
+
+def test_trace_false_runs_the_model_and_applies_persistent_edits(seq):
+    model = NNsight(seq)
+    x = torch.rand(3, 5)
+    assert torch.equal(model.trace(x, trace=False), seq(x))
+    with model.edit(inplace=True):
+        model[0].output[:] = 0
+    edited = model.trace(x, trace=False)
+    assert torch.equal(edited, seq[2](seq[1](torch.zeros(3, seq[0].out_features))))
+    assert torch.equal(model(x), seq(x))  # a plain call leaves the edits out, as in nnsight 0.8.1

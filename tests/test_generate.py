@@ -7,7 +7,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from nnsight import LanguageModel  # noqa: E402
+from nnsight import LanguageModel, NNsightDeprecationWarning, NNsightError  # noqa: E402
 
 
 @pytest.fixture
@@ -26,11 +26,33 @@ def _plain(gpt2, tok, prompt, n, hook=None, module=None):
 
 
 def test_generator_output_equals_plain_generate(lm, gpt2, gpt2_tokenizer):
-    with lm.generate("The Eiffel Tower is in", max_new_tokens=3) as tracer:
-        output = lm.generator.output.save()
-        result = tracer.result.save()
+    # model.generator.output is deprecated (as in nnsight 0.8.1), warns at this line, and still works.
+    with pytest.warns(NNsightDeprecationWarning, match=r"^model\.generator\.output is deprecated.*tracer\.result") as record:
+        with lm.generate("The Eiffel Tower is in", max_new_tokens=3) as tracer:
+            output = lm.generator.output.save()
+            result = tracer.result.save()
+    assert [w.filename for w in record if w.category is NNsightDeprecationWarning] == [__file__]
     expected = _plain(gpt2, gpt2_tokenizer, "The Eiffel Tower is in", 3)
     assert torch.equal(output, expected) and torch.equal(result, expected)
+
+
+def test_assigning_generator_output_warns_and_is_refused(lm):
+    with pytest.warns(NNsightDeprecationWarning, match="tracer.result"):
+        with pytest.raises(NNsightError, match="cannot be replaced"):
+            with lm.generate("Hello", max_new_tokens=2):
+                lm.generator.output = torch.zeros(1, 1, dtype=torch.long)
+
+
+def test_streamer_output_and_tracer_result_do_not_warn(lm, gpt2, gpt2_tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NNsightDeprecationWarning)
+        with lm.generate("Hello", max_new_tokens=2) as tracer:
+            steps = list().save()
+            for step in tracer.iter[:]:
+                steps.append(lm.generator.streamer.output)
+            result = tracer.result.save()
+    expected = _plain(gpt2, gpt2_tokenizer, "Hello", 2)
+    assert torch.equal(result, expected) and torch.equal(torch.cat(steps), expected[0, -2:])
 
 
 def test_iter_all_steps_saves_each_step(lm, gpt2, gpt2_tokenizer):
@@ -40,9 +62,9 @@ def test_iter_all_steps_saves_each_step(lm, gpt2, gpt2_tokenizer):
     handle.remove()
     with lm.generate("Hello", max_new_tokens=5) as tracer:
         logits = list().save()
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             logits.append(lm.lm_head.output[0][-1].argmax(dim=-1))
-        after_loop = lm.generator.output.save()  # code after an open-ended loop runs
+        after_loop = tracer.result.save()  # code after an open-ended loop runs
     assert [int(t) for t in logits] == [int(t) for t in seen]
     assert after_loop.shape[-1] == len(gpt2_tokenizer("Hello").input_ids) + 5
 
@@ -60,11 +82,11 @@ def test_conditional_step_intervention_equals_hook(lm, gpt2, gpt2_tokenizer):
     expected = _plain(gpt2, gpt2_tokenizer, "Hello", 5, zero_on_step_2, gpt2.transformer.h[0])
     with lm.generate("Hello", max_new_tokens=5) as tracer:
         outputs = list().save()
-        with tracer.iter[:] as step_idx:
+        for step_idx in tracer.iter[:]:
             if step_idx == 2:
                 lm.transformer.h[0].output[0][:] = 0
             outputs.append(lm.transformer.h[-1].output[0])
-        tokens = lm.generator.output.save()
+        tokens = tracer.result.save()
     assert torch.equal(tokens, expected)
     assert len(outputs) == 5
 
@@ -99,7 +121,7 @@ def test_unreached_step_warns_and_does_not_hang(lm):
         warnings.simplefilter("always")
         with lm.generate("Hello", max_new_tokens=3) as tracer:
             hit = list().save()
-            with tracer.iter[10]:
+            for step in tracer.iter[10]:
                 hit.append(lm.lm_head.output)
             done = True
             marker = [done].save()
@@ -110,8 +132,8 @@ def test_unreached_step_warns_and_does_not_hang(lm):
 def test_invokes_inside_generate(lm, gpt2, gpt2_tokenizer):
     with lm.generate(max_new_tokens=2) as tracer:
         with tracer.invoke("Hello"):
-            a = lm.generator.output.save()
+            a = tracer.result.save()
         with tracer.invoke("The Eiffel Tower is in"):
-            b = lm.generator.output.save()
+            b = tracer.result.save()
     assert torch.equal(b, _plain(gpt2, gpt2_tokenizer, "The Eiffel Tower is in", 2))
     assert a.shape == b.shape == (1, 9)  # "Hello" is left-padded to the longer prompt

@@ -111,9 +111,9 @@ def test_two_adapters_switch_between_traces(adapted, gpt2_tokenizer, lora_dirs, 
 
 def test_generate_with_adapter_matches_peft_generate(adapted, gpt2_tokenizer, lora_dirs, reference):
     with adapted.generate(PROMPT, max_new_tokens=3, do_sample=False) as tracer:
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             adapted.transformer.h[0].attn.c_attn.lora_A["default"].output  # read at every step
-        tokens = adapted.generator.output.save()
+        tokens = tracer.result.save()
     with torch.no_grad():
         expected = reference(lora_dirs[0]).generate(
             **_ids(gpt2_tokenizer), max_new_tokens=3, do_sample=False, pad_token_id=gpt2_tokenizer.eos_token_id

@@ -1,5 +1,8 @@
 """Every example of the public nnsight README (except Remote, vLLM and .source), as written.
 
+The README uses spellings 0.8.1 deprecates (`with tracer.iter[...]:`, `model.generator.output`);
+the tests running them also check that the deprecation warning is given, as 0.8.1 gives it.
+
 Module names are GPT-2's, as in the README, on a small GPT-2 with random weights
 (6 layers so that ``h[5]`` exists); examples about real text run on SmolLM2 in
 test_smollm2.py. Each test asserts what the README says the example shows.
@@ -18,7 +21,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from nnsight import LanguageModel, NNsight, OutOfOrderError  # noqa: E402
+from nnsight import LanguageModel, NNsight, NNsightDeprecationWarning, OutOfOrderError  # noqa: E402
 
 
 def _plain(model, prompt, names, zero_block0=False):
@@ -143,18 +146,21 @@ def test_prompt_less_invokers(model):
 
 
 def test_multi_token_generation(model):
-    with model.generate("The Eiffel Tower is in", max_new_tokens=3) as tracer:
-        output = model.generator.output.save()
+    with pytest.warns(NNsightDeprecationWarning, match="generator.output"):  # as in 0.8.1: write tracer.result
+        with model.generate("The Eiffel Tower is in", max_new_tokens=3) as tracer:
+            output = model.generator.output.save()
     text = model.tokenizer.decode(output[0])
     assert text.startswith("The Eiffel Tower is in") and output.shape == (1, 7 + 3)
 
 
 def test_iterating_over_generation_steps(model, transformers_major):
-    with model.generate("Hello", max_new_tokens=5) as tracer:
-        logits = list().save()
-        with tracer.iter[:]:
-            logits.append(model.lm_head.output[0][-1].argmax(dim=-1))
-        output = model.generator.output.save()
+    with pytest.warns(NNsightDeprecationWarning) as record:  # both spellings are deprecated, as in 0.8.1
+        with model.generate("Hello", max_new_tokens=5) as tracer:
+            logits = list().save()
+            with tracer.iter[:]:
+                logits.append(model.lm_head.output[0][-1].argmax(dim=-1))
+            output = model.generator.output.save()
+    assert len([w for w in record if w.category is NNsightDeprecationWarning]) == 2
     text = model.tokenizer.batch_decode(logits)
     # Greedy generation: each step's argmax is the token generated at that step.
     assert torch.equal(torch.stack(logits), output[0, -5:])
@@ -167,12 +173,13 @@ def test_iterating_over_generation_steps(model, transformers_major):
 
 
 def test_conditional_interventions_per_step(model):
-    with model.generate("Hello", max_new_tokens=5) as tracer:
-        outputs = list().save()
-        with tracer.iter[:] as step_idx:
-            if step_idx == 2:
-                model.transformer.h[0].output[0][:] = 0
-            outputs.append(model.transformer.h[-1].output[0])
+    with pytest.warns(NNsightDeprecationWarning, match="for step in tracer.iter"):
+        with model.generate("Hello", max_new_tokens=5) as tracer:
+            outputs = list().save()
+            with tracer.iter[:] as step_idx:
+                if step_idx == 2:
+                    model.transformer.h[0].output[0][:] = 0
+                outputs.append(model.transformer.h[-1].output[0])
     assert len(outputs) == 5
 
 

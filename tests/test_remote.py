@@ -87,9 +87,9 @@ def test_generate_matches_local(models):
     for model, flag in ((remote, True), (local, False)):
         with model.generate("The Eiffel Tower is in", max_new_tokens=3, remote=flag) as tracer:
             tokens = list().save()
-            with tracer.iter[:]:
+            for step in tracer.iter[:]:
                 tokens.append(model.lm_head.output[0, -1].argmax(dim=-1))
-            output = model.generator.output.save()
+            output = tracer.result.save()
         outs[flag] = (tokens, output)
     assert torch.equal(outs[True][1], outs[False][1])
     assert [int(t) for t in outs[True][0]] == [int(t) for t in outs[False][0]]

@@ -76,6 +76,17 @@ def test_status_of_an_unreachable_server_is_empty(remote_config, capsys):
     assert "not reachable" in capsys.readouterr().err
 
 
+def test_ndif_status_is_the_deprecated_name_of_status(remote_config, capsys):
+    remote_config.API.HOST = "http://127.0.0.1:9"
+    with pytest.warns(nnsight.NNsightDeprecationWarning, match=r"^nnsight\.ndif_status\(\) is deprecated.*nnsight\.status\(\)"):
+        old = nnsight.ndif_status()
+    new = nnsight.status()
+    assert type(old) is type(new) and dict(old) == dict(new) == {} and old.reachable is new.reachable is False
+    with pytest.warns(nnsight.NNsightDeprecationWarning):
+        assert nnsight.ndif_status(raw=True) == nnsight.status(raw=True) == {}
+    assert "ndif_status" not in nnsight.__all__  # a deprecated name is not star-exported
+
+
 def test_ndif_environment_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("NNSIGHT_CONFIG_DIR", str(tmp_path))
     for name in ("NNSIGHT_HOST", "NNSIGHT_API_KEY"):

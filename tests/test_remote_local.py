@@ -122,3 +122,13 @@ def test_the_served_and_local_refusals_differ_only_in_what_happens_to_the_model(
     assert served["type"] == local["type"] == "SandboxError"
     assert served["message"] == "the job changed the served model (x changed); it was refused and the model reloaded"
     assert local["message"].split(" and ")[0] == served["message"].split(" and ")[0]
+
+
+def test_a_read_after_the_result_comes_back_as_after_run_error(model):
+    from nnsight import MissedValueError, OutOfOrderError
+
+    with pytest.raises(OutOfOrderError, match="requested after the model had finished") as info:
+        with model.trace("Hello", remote="local") as tracer:
+            result = tracer.result
+            late = model.transformer.h[0].output
+    assert type(info.value).__name__ == "AfterRunError" and isinstance(info.value, MissedValueError)

@@ -97,7 +97,7 @@ def test_iter_over_the_calls_of_a_recurrent_module(recorded):
     assert len(outs) == 2 and all(torch.equal(o, s) for o, s in zip(outs, seen[:2]))
     with model.trace(x) as tracer:
         every = list().save()
-        with tracer.iter[:]:  # open-ended: ends when the module makes no further call
+        for step in tracer.iter[:]:  # open-ended: ends when the module makes no further call
             every.append(model.cell.output.clone())
         after = [True].save()
     assert len(every) == 3 and all(torch.equal(o, s) for o, s in zip(every, seen))
@@ -110,7 +110,7 @@ def test_iter_edit_of_one_call_equals_a_hand_patched_forward():
     x = torch.randn(2, 4)
     model = NNsight(net)
     with model.trace(x) as tracer:
-        with tracer.iter[1]:
+        for step in tracer.iter[1]:
             model.cell.output[:] = 0
         out = model.output.save()
 

@@ -109,7 +109,7 @@ def test_generate_requests_co_batch_over_http_with_solo_results(server, tmp_path
     h = {"X-API-Key": server.keys[1]}
     settings = {"max_new_tokens": 3, "min_new_tokens": 3}
     body = "    steps = []\n    for step in tracer.iter[:]:\n        steps.append(model.lm_head.output[:, -1])\n" \
-           "    steps = torch.stack(steps).save()\n    tokens = model.generator.output.save()\n"
+           "    steps = torch.stack(steps).save()\n    tokens = tracer.result.save()\n"
     prompts = ["The cat sat on", "A dog ran to", "One bird flew by"]  # the same token width
     # A job that keeps the worker busy, so the generates queue behind it and are taken as one batch.
     busy = {"model": "tiny-gpt2", "kind": "trace", "source": "    n = 0\n    for i in range(400000):\n        n += 1\n",
@@ -135,7 +135,7 @@ def test_generate_requests_co_batch_over_http_with_solo_results(server, tmp_path
             for step in tracer.iter[:]:
                 steps.append(local.lm_head.output[:, -1])
             steps = torch.stack(steps).save()
-            tokens = local.generator.output.save()
+            tokens = tracer.result.save()
         assert torch.equal(got["tokens"], tokens)
         torch.testing.assert_close(got["steps"], steps, rtol=1e-5, atol=1e-5)
 

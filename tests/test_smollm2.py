@@ -49,5 +49,5 @@ def test_patching_subject_changes_prediction(smollm2):
 
 def test_generation_continues_with_paris(smollm2):
     with smollm2.generate(PROMPT, max_new_tokens=2, do_sample=False) as tracer:
-        out = smollm2.generator.output.save()
+        out = tracer.result.save()
     assert smollm2.tokenizer.decode(out[0, -2:]).startswith(" Paris")

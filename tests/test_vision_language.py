@@ -116,9 +116,9 @@ def test_generate_with_images_matches_plain_generate(family, make_image):
     image = make_image(2, size)
     with model.generate(text=prompt, images=[image], max_new_tokens=3, do_sample=False) as tracer:
         steps = save([])
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             steps.append(model.language_model.layers[0].output.shape[1])
-        tokens = model.generator.output.save()
+        tokens = tracer.result.save()
     encoding = processor(text=[prompt], images=[image], return_tensors="pt")
     with torch.no_grad():
         expected = hf_model.generate(**encoding, max_new_tokens=3, do_sample=False, pad_token_id=0)
@@ -219,9 +219,9 @@ def test_batched_generation_with_images_matches_each_solo_generate(family, make_
     image_a, image_b = make_image(9, size), make_image(10, size)
     with model.generate(max_new_tokens=3, do_sample=False) as tracer:
         with tracer.invoke(prompt, images=[image_a]):
-            short = model.generator.output.save()
+            short = tracer.result.save()
         with tracer.invoke(long_prompt, images=[image_b]):
-            long = model.generator.output.save()
+            long = tracer.result.save()
     for tokens, text, image in ((short, prompt, image_a), (long, long_prompt, image_b)):
         encoding = processor(text=[text], images=[image], return_tensors="pt")
         with torch.no_grad():

@@ -15,7 +15,7 @@ from .modeling.vision_language import VisionLanguageModel
 from .modeling.transformers import TransformersModel
 from .tracing.errors import MissedValueError, NNsightDeprecationWarning, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
-from .ndif import compare, get_local_env, is_model_running, register, status
+from .ndif import compare, get_local_env, is_model_running, ndif_status, register, status  # ndif_status: deprecated
 
 __version__ = "0.1.0"
 

@@ -17,6 +17,7 @@ import sys
 from importlib.metadata import distributions, packages_distributions
 
 from .remote.byvalue import is_stdlib, register
+from .tracing.deprecation import warn_deprecated
 
 
 class Status(dict):
@@ -51,6 +52,12 @@ def status(raw: bool = False):
     kinds = {m["name"]: m.get("kind") for m in models}
     states = health.get("models", {})
     return Status({name: {"state": state, "kind": kinds.get(name)} for name, state in states.items()}, server_host())
+
+
+def ndif_status(raw: bool = False):
+    """Deprecated: the older name of ``nnsight.status(raw)``, which it returns."""
+    warn_deprecated("nnsight.ndif_status()", "nnsight.status()")
+    return status(raw)
 
 
 def is_model_running(name: str) -> bool:

@@ -116,15 +116,15 @@ def _three_invokes(model, body_modules):
     with model.trace(temperature=0.0) as tracer:
         with tracer.invoke(PROMPTS[0], max_tokens=MAX_TOKENS[0]):
             a = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 a.append([_clone(m.output) for m in body_modules(model)])
         with tracer.invoke(PROMPTS[1], max_tokens=MAX_TOKENS[1]):
             b = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 b.append([_clone(m.output) for m in body_modules(model)])
         with tracer.invoke(PROMPTS[2], max_tokens=MAX_TOKENS[2]):
             c = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 c.append([_clone(m.output) for m in body_modules(model)])
     return [a, b, c]
 
@@ -135,7 +135,7 @@ def _three_invokes(model, body_modules):
 def test_readme_example_per_step_logits(model):
     with model.trace("Hello", temperature=0.0, max_tokens=5) as tracer:
         logits = list().save()
-        with tracer.iter[:]:
+        for _ in tracer.iter[:]:
             logits.append(model.logits.output)
     assert len(logits) == 5 and all(t.shape == (1, model.llm.llm_engine.model_config.get_vocab_size()) for t in logits)
     assert [int(t.argmax(-1)) for t in logits] == plain_generate(model, ["Hello"], [5])[0]
@@ -145,14 +145,14 @@ def test_readme_section_examples(model):
     with model.trace(temperature=0.0) as tracer:
         with tracer.invoke("The Eiffel Tower is in the city of", max_tokens=3):
             hidden = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 hidden.append(model.model.layers[5].mlp.output)
         with tracer.invoke("Hello", max_tokens=5, temperature=0.8, seed=1):
-            with tracer.iter[2]:
+            for _ in tracer.iter[2]:
                 model.model.layers[5].mlp.output[:] = 0
         with tracer.invoke():
             sizes = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 sizes.append(model.logits.output.shape[0])
         with tracer.invoke("Bonjour", max_tokens=2):
             outputs = tracer.result.save()
@@ -218,11 +218,11 @@ def test_inputs_equal_forward_pre_hook(model):
     with model.trace(temperature=0.0, max_tokens=2) as tracer:
         with tracer.invoke(PROMPTS[0]):
             a = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 a.append(model.model.layers[4].mlp.input.clone())
         with tracer.invoke(PROMPTS[1]):
             b = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 b.append(model.model.layers[4].mlp.inputs[0][0].clone())
     for prompt, got in enumerate([a, b]):
         assert len(got) == 2 and all(torch.equal(g, e) for g, e in zip(got, seen[prompt]))
@@ -237,7 +237,7 @@ def test_invoke_without_prompt_sees_whole_batch(model):
             pass
         with tracer.invoke():
             total = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 total.append(model.model.layers[0].mlp.output.shape[0])
                 total.append(model.logits.output.shape[0])
     n0 = len(model.tokenizer(PROMPTS[0])["input_ids"])
@@ -249,7 +249,7 @@ def test_invoke_without_prompt_sees_whole_batch(model):
 def test_one_invoke_with_several_prompts(model):
     with model.trace(PROMPTS[:2], temperature=0.0, max_tokens=2) as tracer:
         shapes = list().save()
-        with tracer.iter[:]:
+        for _ in tracer.iter[:]:
             shapes.append((model.model.layers[0].output[0].shape[0], tuple(model.samples.output.shape)))
     n = sum(len(model.tokenizer(p)["input_ids"]) for p in PROMPTS[:2])
     assert shapes == [(n, (2, 1)), (2, (2, 1))]
@@ -267,7 +267,7 @@ def test_prompts_of_one_invoke_reordered_by_vllm(model):
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
     with pytest.raises(NNsightError, match="reordered the prompts of this invoke"):
         with model.trace(PROMPTS, temperature=0.0, max_tokens=4, stop=["\n"]) as tracer:
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 model.samples.output.save()
     assert not model.llm.llm_engine.has_unfinished_requests()
 
@@ -325,11 +325,11 @@ def test_intervention_equals_hook_edit(model):
     with model.trace(temperature=0.0, max_tokens=4) as tracer:
         with tracer.invoke(PROMPTS[0]):
             a = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 a.append(model.logits.output.clone())
         with tracer.invoke(PROMPTS[1]):
             b = list().save()
-            with tracer.iter[:] as step:
+            for step in tracer.iter[:]:
                 if step == 1:
                     model.model.layers[6].mlp.output += steer
                 b.append(model.logits.output.clone())
@@ -337,7 +337,7 @@ def test_intervention_equals_hook_edit(model):
             tokens_b = [list(o.outputs[0].token_ids) for o in tokens_b].save()
         with tracer.invoke(PROMPTS[2]):
             c = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 c.append(model.logits.output.clone())
     for prompt, got in enumerate([a, b, c]):
         assert all(torch.equal(g, e) for g, e in zip(got, logits[prompt])), prompt
@@ -359,12 +359,12 @@ def test_input_write_equals_pre_hook_edit(model):
     with model.trace(temperature=0.0, max_tokens=3) as tracer:
         with tracer.invoke(PROMPTS[0]):
             a = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 model.model.layers[2].mlp.input = model.model.layers[2].mlp.input * 0.5
                 a.append(model.logits.output.clone())
         with tracer.invoke(PROMPTS[1]):
             b = list().save()
-            with tracer.iter[:]:
+            for _ in tracer.iter[:]:
                 b.append(model.logits.output.clone())
     for prompt, got in enumerate([a, b]):
         assert len(got) == 3 and all(torch.equal(g, e) for g, e in zip(got, logits[prompt]))
@@ -374,7 +374,7 @@ def test_logits_write_forces_the_sampled_token(model):
     forced = model.tokenizer(" London")["input_ids"][0]
     with model.trace(PROMPTS[0], temperature=0.0, max_tokens=4) as tracer:
         tokens = list().save()
-        with tracer.iter[:] as step:
+        for step in tracer.iter[:]:
             if step == 0:
                 model.logits.output[:] = float("-inf")
                 model.logits.output[:, forced] = 0.0
@@ -388,7 +388,7 @@ def test_logits_write_forces_the_sampled_token(model):
 def test_samples_write_replaces_the_token(model):
     forced = model.tokenizer(" Rome")["input_ids"][0]
     with model.trace(PROMPTS[0], temperature=0.0, max_tokens=3) as tracer:
-        with tracer.iter[0]:
+        for _ in tracer.iter[0]:
             model.samples.output = torch.tensor([[forced]])
         outputs = tracer.result.save()
     tokens = list(outputs[0].outputs[0].token_ids)
@@ -461,7 +461,7 @@ def test_step_after_a_request_finished(model):
         warnings.simplefilter("always")
         with model.trace(PROMPTS[0], temperature=0.0, max_tokens=2) as tracer:
             hit = list().save()
-            with tracer.iter[5]:
+            for _ in tracer.iter[5]:
                 hit.append(model.logits.output)
     assert hit == [] and any("never ran" in str(w.message) for w in caught)
     with pytest.raises(MissedValueError, match="finished after 2 step"):
@@ -476,7 +476,7 @@ def test_step_after_a_request_finished(model):
 def test_engine_is_clean_after_an_error_and_after_stop(model):
     with pytest.raises(ValueError, match="boom"):
         with model.trace(PROMPTS[0], temperature=0.0, max_tokens=4) as tracer:
-            with tracer.iter[:] as step:
+            for step in tracer.iter[:]:
                 if step == 1:
                     raise ValueError("boom")
                 model.logits.output
@@ -484,7 +484,7 @@ def test_engine_is_clean_after_an_error_and_after_stop(model):
     assert "compute_logits" not in _runner(model).model.__dict__
     with pytest.raises(ZeroDivisionError):  # raised while vLLM is sampling
         with model.trace(PROMPTS[1], temperature=0.0, max_tokens=4) as tracer:
-            with tracer.iter[:] as step:
+            for step in tracer.iter[:]:
                 token = int(model.samples.output[0, 0])
                 if step == 2:
                     token / 0

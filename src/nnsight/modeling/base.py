@@ -39,6 +39,13 @@ from ..tracing.tracer import Tracer
 _DEFAULT = object()
 
 
+def untraced(model, remote, tracer):
+    """What ``model.trace(..., trace=False)`` returns: the output of running ``tracer`` now."""
+    if remote:
+        raise NNsightError(f"{type(model).__name__}.trace(trace=False) runs the model here: it takes no remote=")
+    return tracer.run_untraced()
+
+
 class NNsight(Envoy):
     """The root envoy of a traced model (see module docstring)."""
 
@@ -68,8 +75,13 @@ class NNsight(Envoy):
         """The wrapped module, under the name nnsight 0.8.1 (and libraries built on it) use."""
         return self._module
 
-    def trace(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> Tracer:
-        """A context that runs the model once on ``inputs`` with the block's code alongside."""
+    def trace(self, *inputs, remote: bool = False, blocking: bool = True, trace: bool = True, **kwargs) -> Tracer:
+        """A context that runs the model once on ``inputs`` with the block's code alongside.
+
+        ``trace=False``: no block; run the model now (with its persistent edits) and return its output.
+        """
+        if not trace:
+            return untraced(self, remote, Tracer(self, inputs, kwargs))
         if remote:
             from ..remote.client import remote_block
 

@@ -3,7 +3,7 @@
     from nnsight import DiffusionModel
     model = DiffusionModel(pipeline)                  # a built DiffusionPipeline, or a repo id / folder
     with model.generate("a red cube", num_inference_steps=4, seed=0) as tracer:
-        with tracer.iter[2]:                          # the third denoising step
+        for step in tracer.iter[2]:                   # the third denoising step
             model.unet.mid_block.output[:] = 0
         image = model.output.images[0].save()         # a PIL image
     with model.generate(num_inference_steps=2, seed=0) as tracer:

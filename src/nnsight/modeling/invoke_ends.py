@@ -9,7 +9,7 @@ is done. ``InvokeEnds`` is a stopping criterion that never stops a row itself: a
 each step it notes which rows have finished (by the end-of-sequence ids in force, the
 rule Hugging Face's own ``EosTokenCriteria`` applies) and ends each invoke whose rows
 have all finished (``Interleaver.end_invoke``): its code sees no later step and its
-``model.generator.output`` is cut to the length its solo run gives.
+``tracer.result`` is cut to the length its solo run gives.
 
 Used by the server's co-batched generates (each request one invoke). A local
 ``generate`` with several invokes keeps nnsight 0.8.1's rule: every invoke sees every

@@ -6,9 +6,9 @@
     with model.trace("The Eiffel Tower is in the city of"):
         logits = model.lm_head.output.save()
     with model.generate("Hello", max_new_tokens=5) as tracer:
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             ...
-        tokens = model.generator.output.save()
+        tokens = tracer.result.save()
 
 Options:
     model           a repo id / local folder, "smollm2-135m", or a built ``PreTrainedModel``
@@ -40,6 +40,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ..tracing.deprecation import warn_deprecated
 from ..tracing.envoy import Envoy
 from ..tracing.errors import NNsightError
 from ..tracing.interleaver import active_hook, current_mediator
@@ -47,7 +48,7 @@ from ..tracing.tracer import Tracer
 from .adapters import AdapterMixin, with_adapter_option
 from .invoke_ends import with_invoke_ends
 from ..util import WrapperModule
-from .base import NNsight
+from .base import NNsight, untraced
 
 # Per-token fields an invoke may pass beside its ids, with the value that pads them and
 # fills them in for an invoke that lacks them (position_ids: counted from its mask instead).
@@ -193,8 +194,13 @@ class LanguageModel(AdapterMixin, NNsight):
         object.__setattr__(self, "_order", None)
         return self
 
-    def trace(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> Tracer:
-        """A context that runs the model once on ``inputs`` with the block's code alongside."""
+    def trace(self, *inputs, remote: bool = False, blocking: bool = True, trace: bool = True, **kwargs) -> Tracer:
+        """A context that runs the model once on ``inputs`` with the block's code alongside.
+
+        ``trace=False``: no block; run the model now (with its persistent edits) and return its output.
+        """
+        if not trace:
+            return untraced(self, remote, self._context(Tracer, "trace", inputs, kwargs, False, blocking))
         return self._context(Tracer, "trace", inputs, kwargs, remote, blocking)
 
     def generate(self, *inputs, remote: bool = False, blocking: bool = True, **kwargs) -> GenerateTracer:
@@ -379,15 +385,29 @@ class _StepStreamer:
 
 
 class GeneratorEnvoy(Envoy):
-    """``model.generator.output``: the token ids ``generate`` returns (available after the last step);
-    ``model.generator.streamer.output``: the tokens of the current step (inside ``tracer.iter``)."""
+    """``model.generator.streamer.output``: the tokens of the current step (inside ``tracer.iter``);
+    ``model.generator.output`` (deprecated, as in nnsight 0.8.1: write ``tracer.result``): the token
+    ids ``generate`` returns (available after the last step)."""
 
     @property
     def output(self):  # not a module value: the result of the whole run
+        warn_deprecated("model.generator.output", "tracer.result")
         mediator = current_mediator()
         if mediator is None:
             raise NNsightError("model.generator.output is only available inside `with model.generate(...)`")
         return mediator.wait_for_result()
+
+    def _assign_lazily(self, kind, make_value):
+        if kind != "output":
+            return super()._assign_lazily(kind, make_value)
+        # nnsight 0.8.1 lets this write replace what generate returns; here it is refused with
+        # a clear error rather than left to wait for a module call that never comes.
+        warn_deprecated("model.generator.output", "tracer.result", stacklevel=3)
+        raise NNsightError(
+            "model.generator.output cannot be replaced: change the tokens after the trace "
+            "(`tokens = tracer.result.save()`, then edit `tokens`), or edit the per-step "
+            "model.generator.streamer.output / lm_head.output inside `tracer.iter`"
+        )
 
 
 _warned_versions = set()

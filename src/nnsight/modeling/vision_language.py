@@ -7,7 +7,7 @@
         model.language_model.layers[0].output[:, 0] = 0
         logits = model.lm_head.output.save()
     with model.generate("<image> Describe", images=[img], max_new_tokens=5) as tracer:
-        tokens = model.generator.output.save()
+        tokens = tracer.result.save()
     with model.trace() as tracer:                 # one batched forward; each invoke its own rows
         with tracer.invoke("<image> A", images=[img_a]):
             a = model.multi_modal_projector.output.save()

@@ -4,7 +4,7 @@
     model = VLLM("smollm2-135m", dtype="float32")      # a repo id / folder / "smollm2-135m"
     with model.trace("The Eiffel Tower is in the city of", temperature=0.0, max_tokens=5) as tracer:
         logits = list().save()
-        with tracer.iter[:]:
+        for step in tracer.iter[:]:
             logits.append(model.logits.output)          # [1, vocab] per generated token
             hidden = model.model.layers[5].output       # vLLM's own module tree
 

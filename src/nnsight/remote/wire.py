@@ -35,7 +35,7 @@ BUILTIN_ERRORS = (
     "ZeroDivisionError", "UnboundLocalError", "RecursionError", "MemoryError", "SyntaxError", "ImportError",
     "ModuleNotFoundError", "IndentationError", "FloatingPointError", "TimeoutError",
 )
-NNSIGHT_ERRORS = ("NNsightError", "OutOfOrderError", "MissedValueError", "NotInTraceError")
+NNSIGHT_ERRORS = ("NNsightError", "OutOfOrderError", "MissedValueError", "AfterRunError", "NotInTraceError")
 WIRE_ERRORS = ("SandboxError", "UnsupportedValue", "VersionMismatch")
 ERROR_TYPES = frozenset(BUILTIN_ERRORS + NNSIGHT_ERRORS + WIRE_ERRORS)
 

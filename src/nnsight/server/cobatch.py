@@ -7,7 +7,7 @@
 
 Each request becomes one invoke of a shared trace (or generate), so the engine's row isolation
 gives it only its own rows: every module value, ``.inputs``, ``model.output`` and
-``model.generator.output`` it reads is a view of its rows, at every step, and its edits reach only them. Its
+``tracer.result`` it reads is a view of its rows, at every step, and its edits reach only them. Its
 code runs in its own scope (its own names, saved values and prints), and an exception
 in its code ends that request's invoke only: the others go on and complete.
 
@@ -22,14 +22,14 @@ Who may share a forward (decided per request, before it runs):
       runs alone. An end-of-sequence token may end a request before its batch-mates: its
       invoke then ends at that step (``GroupGenerateTracer``, modeling/invoke_ends.py), as
       its solo run would: its step loops end there, its code sees no later step, and
-      ``model.generator.output`` is its rows cut to its solo length (rows of it that
+      ``tracer.result`` is its rows cut to its solo length (rows of it that
       finished earlier carry pad tokens, as they do alone);
     * whose code uses none of the features that act on the whole forward or need
       their own pass: ``tracer.stop()``, ``.invoke``, ``.backward``/``.grad``, ``.skip``,
-      ``.edit``, ``.cache``, barriers, ``.source``, ``requires_grad``, ``tracer.result``
-      (use ``model.generator.output``), and in a ``trace`` also step loops
-      (``tracer.iter``/``.all()``/``.next()``); in a ``generate`` those loop over this
-      request's own steps and are allowed.
+      ``.edit``, ``.cache``, barriers, ``.source``, ``requires_grad``, and in a ``trace``
+      also ``tracer.result`` and step loops (``tracer.iter``/``.all()``/``.next()``); in a
+      ``generate`` those loop over this request's own steps, and ``tracer.result`` (like the
+      deprecated ``model.generator.output``) is its own rows of the generated ids: allowed.
 Everything else runs alone, in turn. A co-batched request that still reaches one of
 those at run time (``tracer.stop()``, ``backward``) gets a clear error, never a shared effect.
 
@@ -58,8 +58,9 @@ RUN_ALONE_ATTRS = frozenset({
     "next", "source", "requires_grad", "requires_grad_", "retain_grad", "register_hook", "session", "generate",
     "trace", "result",
 })
-# Step loops act on one request's own steps in a generate (each invoke keeps its own step).
-STEP_ATTRS = frozenset({"iter", "all", "next"})
+# Step loops act on one request's own steps in a generate (each invoke keeps its own step), and its
+# tracer.result is its own rows, as model.generator.output is (both read the invoke's share of the result).
+PER_REQUEST_ATTRS = frozenset({"iter", "all", "next", "result"})
 # Generation settings a co-batched generate may give (JSON scalars, equal across the batch).
 GENERATE_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", "num_beams", "use_cache",
                                "temperature", "top_k", "top_p"})
@@ -67,7 +68,7 @@ GENERATE_SETTINGS = frozenset({"max_new_tokens", "min_new_tokens", "do_sample", 
 
 def uses_whole_forward(request: dict) -> bool:
     """Whether the request's code names any feature that must not share a forward (see module docstring)."""
-    refused = RUN_ALONE_ATTRS - STEP_ATTRS if request.get("kind") == "generate" else RUN_ALONE_ATTRS
+    refused = RUN_ALONE_ATTRS - PER_REQUEST_ATTRS if request.get("kind") == "generate" else RUN_ALONE_ATTRS
     sources = [request.get("source") or ""] + [fn.get("source") or "" for fn in request.get("functions") or []]
     for text in sources:
         try:

@@ -877,7 +877,14 @@ class _SaveRewriter(_Transformer):
         if _is_iter(node):
             item = node.items[0]
             target = item.optional_vars or ast.Name("__nnsight_step__", ast.Store())
-            return _ending_loop(ast.For(target=target, iter=item.context_expr, body=node.body, orelse=[]), node)
+            # The `with` form of older versions runs as the `for` loop it means, warning as it
+            # starts (at run time, so each run of a cached block warns as Python's filters say).
+            steps = _loc(
+                ast.Call(func=ast.Attribute(ast.Name(RT, ast.Load()), "block_form_steps", ast.Load()),
+                         args=[item.context_expr], keywords=[]),
+                item.context_expr,  # not `node`: a method call spanning the body would report its last line
+            )
+            return _ending_loop(ast.For(target=target, iter=steps, body=node.body, orelse=[]), node)
         return node
 
     def visit_For(self, node):

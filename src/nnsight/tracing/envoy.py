@@ -26,8 +26,10 @@ import weakref
 
 import torch
 
+from .deprecation import warn_deprecated
 from .errors import NotInTraceError
 from .interleaver import current_mediator
+from .tracer import StepIndexer, StepLoop
 from .values import ValueAccess
 
 
@@ -203,9 +205,13 @@ class Envoy(ValueAccess):
             if target is not None:
                 return self._root._at(target)
         try:
-            return getattr(module, name)
+            value = getattr(module, name)
         except AttributeError:
             pass
+        else:
+            if isinstance(value, torch.nn.Module):
+                return self._envoy_of_attribute(name, value)
+            return value
         if name in ("device", "devices"):
             # For a module that has no such attribute of its own (a plain torch module; a
             # transformers model has .device): where its parameters are, as in nnsight 0.8.1.
@@ -230,6 +236,31 @@ class Envoy(ValueAccess):
             + (f"Its child modules are: {', '.join(children)}." if children else "It has no child modules.")
             + hint
         ) from None
+
+    def _envoy_of_attribute(self, name: str, module: torch.nn.Module) -> "Envoy":
+        """The envoy of a module reached by a plain attribute (a property, or a module stored
+        without registering it), so its ``.output`` can be read like a child's (as in nnsight 0.8.1).
+
+        A module of the tree (``base_model`` returning the model itself or one of its children)
+        is its one envoy, at its own path; any other one gets an envoy at ``<path>.<name>``.
+        """
+        if module is self._module:
+            return self
+        root = self._root
+        for path, found in root._module.named_modules():
+            if found is module:
+                return root._at(path.split(".")) if path else root
+        extras = self.__dict__.get("_attribute_envoys")
+        if extras is None:
+            extras = {}
+            object.__setattr__(self, "_attribute_envoys", extras)
+        envoy = extras.get(name)
+        if envoy is None or envoy._module is not module:
+            cls = self._tree.envoy_class(module, self._parts() + (name,))
+            envoy = cls(module, f"{self._path}.{name}", self, self)
+            object.__setattr__(envoy, "_root_ref", self._root_ref)
+            extras[name] = envoy
+        return envoy
 
     def __setattr__(self, name, value):
         if name in ("output", "input", "inputs") or hasattr(type(self), name) or name.startswith("_"):
@@ -428,6 +459,17 @@ class Envoy(ValueAccess):
         """``m.next().output``: the module's next call, even while its current one is being read."""
         self._mediator("next()").next_call(self)
         return self
+
+    @property
+    def iter(self):
+        """Deprecated: ``model.iter[...]`` is ``tracer.iter[...]`` (write that)."""
+        warn_deprecated("model.iter", "tracer.iter")
+        return StepIndexer()
+
+    def all(self):
+        """Deprecated: ``model.all()`` is ``tracer.all()`` (write that)."""
+        warn_deprecated("model.all()", "tracer.all()")
+        return StepLoop(slice(None))
 
     def __call__(self, *args, hook: bool = False, **kwargs):
         """Run the module on other values, ad hoc (``model.lm_head(hs)``).

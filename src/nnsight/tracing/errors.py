@@ -21,6 +21,14 @@ class MissedValueError(NNsightError, RuntimeError):
     """Code asked for a module's value, but the module did not run (again) before the model finished."""
 
 
+class AfterRunError(MissedValueError, OutOfOrderError):
+    """Code asked for a module's value after it had waited for ``tracer.result`` (the end of the run).
+
+    Both a ``MissedValueError`` (the value is gone) and an ``OutOfOrderError`` (what nnsight 0.8.1
+    raises when a value is asked for after the result), so code catching either keeps working.
+    """
+
+
 class NotInTraceError(NNsightError, RuntimeError, ValueError):
     """``.output`` / ``.input`` touched where no model is running.
 

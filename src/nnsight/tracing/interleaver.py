@@ -31,7 +31,7 @@ import greenlet
 import torch
 
 from .batching import merge, narrow
-from .errors import MissedValueError, NNsightError, OutOfOrderError
+from .errors import AfterRunError, MissedValueError, NNsightError, OutOfOrderError
 
 _MISSING = object()
 
@@ -123,7 +123,7 @@ class StepRequest:
 
 
 class ResultRequest:
-    """Waits for the value the whole run returns (``tracer.result``, ``model.generator.output``)."""
+    """Waits for the value the whole run returns (``tracer.result``; the deprecated ``model.generator.output``)."""
 
     __slots__ = ()
     hook = None
@@ -361,6 +361,7 @@ class Mediator:
         self.done = False
         self.end = None  # the last generation step this invoke runs, when it ends before the batch (end_invoke)
         self.trim = None  # what makes the run's result this invoke's own (end_invoke)
+        self.waited_for_result = False  # asked for tracer.result: what it asks for next is out of order
         self.served = 0
         self.views = {}  # id(row view) -> (view, full tensor): gradients of an invoke's rows
         self.writebacks = []  # [delivery, kind, make_value, key, view] for eproperty transforms, see write_back
@@ -488,6 +489,7 @@ class Mediator:
 
     def wait_for_result(self):
         il = self.interleaver
+        self.waited_for_result = True
         if il.finished:
             return il.result_for(self)
         self.pending = ResultRequest()
@@ -599,7 +601,10 @@ class Interleaver:
         hook = self.hooks.get(key)
         if hook is None:
             if self.finished:
-                raise MissedValueError(
+                mediator = current_mediator()
+                # After tracer.result nnsight 0.8.1 calls this out of order; AfterRunError is both.
+                error = AfterRunError if mediator is not None and mediator.waited_for_result else MissedValueError
+                raise error(
                     f"{envoy._display} was requested after the model had finished running; "
                     "values exist only while the model runs"
                 )

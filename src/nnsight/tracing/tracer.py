@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from .capture import SkipBlock, bind, capture, read_scope
+from .deprecation import warn_deprecated_at
 from .errors import NNsightDeprecationWarning, NNsightError, SaveOutsideTraceError, user_traceback
 from .interleaver import Interleaver, LoopEnd, ResultRequest, StepRequest, current_mediator
 
@@ -189,7 +190,7 @@ def _count(start, stride):
         step += stride
 
 
-class _IterIndexer:
+class StepIndexer:
     def __getitem__(self, selection):
         return StepLoop(selection)
 
@@ -267,6 +268,14 @@ class BlockContext:
 
     def implicit_invoke(self, body):
         raise NotImplementedError
+
+    def block_form_steps(self, steps):
+        """The steps of a ``with tracer.iter[...]:`` block (compiled as a ``for`` loop over them), with
+        the deprecation warning of that older form, at the ``with`` line."""
+        warn_deprecated_at(
+            "The `with tracer.iter[...]:` / `with tracer.all():` block form", "`for step in tracer.iter[...]:`", sys._getframe(1)
+        )
+        return steps
 
     def publish(self, names):
         """An explicit invoke's own names, as it ends (see capture._InvokeRewriter)."""
@@ -367,7 +376,7 @@ class Tracer(BlockContext):
 
     @property
     def iter(self):
-        return _IterIndexer()
+        return StepIndexer()
 
     def all(self):
         return StepLoop(slice(None))
@@ -401,6 +410,14 @@ class Tracer(BlockContext):
         return mediator.wait_for_result()
 
     # -- running ---------------------------------------------------------------
+
+    def run_untraced(self):
+        """``model.trace(x, trace=False)``: run the model on this trace's inputs with no block, and
+        return what it returns. The model's persistent edits (``model.edit(inplace=True)``) apply,
+        as in nnsight 0.8.1; a plain ``model(x)`` leaves them out."""
+        self._execute(None)
+        result, self._result = self._result, None
+        return result
 
     def _execute(self, scope):
         model = self.model
