@@ -304,3 +304,27 @@ def test_a_per_token_field_of_the_wrong_width_is_named(bert):
     with pytest.raises(ValueError, match="`token_type_ids` has 3 positions for a row of 4"):
         with bert.trace(torch.tensor([[2, 5, 6, 3]]), token_type_ids=torch.tensor([[0, 1, 1]])):
             pass
+
+
+@torch.no_grad()
+def test_generate_from_inputs_embeds():
+    hf = _tiny_gpt2()
+    model = LanguageModel(hf, tokenizer=None)
+    emb = hf.get_input_embeddings()(torch.tensor([[2, 5, 6]]))
+    expected = hf.generate(inputs_embeds=emb, attention_mask=torch.ones(1, 3, dtype=torch.long), max_new_tokens=3,
+                           do_sample=False, pad_token_id=0)
+    with model.generate(inputs_embeds=emb, max_new_tokens=3, do_sample=False, pad_token_id=0) as tracer:
+        result = nnsight.save(tracer.result)
+    assert result.tolist() == expected.tolist() and result.shape == (1, 3)  # new tokens only, as HF returns
+
+
+@torch.no_grad()
+def test_a_sentence_pair_per_invoke_keeps_its_segments(bert):
+    tok = _bert_tokenizer()
+    model = LanguageModel(bert._module, tokenizer=tok, padding_side="right")
+    pair = tok("hello", text_pair="world other", return_tensors="pt")
+    received, out = _received(model, (("hello",), {"text_pair": "world other", "return_tensors": "pt"}), (("hello",), {}))
+    n = pair["input_ids"].shape[1]
+    assert received["token_type_ids"][0].tolist() == pair["token_type_ids"][0].tolist()
+    assert received["token_type_ids"][1].tolist() == [0] * n  # the single text: segment 0, padded with 0
+    torch.testing.assert_close(out.logits[0], bert._module(**pair).logits[0])

@@ -252,3 +252,39 @@ def test_a_helper_invoke_outside_its_trace_is_an_invoke_error(seq):
         with tracer.invoke(torch.rand(1, 5)):
             model.output.save()
     assert out.shape == (1, 2) and "forward" not in seq[0].__dict__
+
+
+def test_a_barrier_fewer_invokes_reach_is_an_invoke_error(seq):
+    model = NNsight(seq)
+    with pytest.raises(InvokeError, match="barrier for 3 invokes was reached by only 2") as short:
+        with model.trace() as tracer:
+            barrier = tracer.barrier(3)
+            with tracer.invoke(torch.rand(1, 5)):
+                barrier()
+            with tracer.invoke(torch.rand(1, 5)):
+                barrier()
+    assert isinstance(short.value, ValueError)  # as 0.8.1 raises
+    assert "forward" not in seq[0].__dict__
+
+
+def _add_generating_invoke(tracer, model, prompt, outs):
+    with tracer.invoke(prompt):
+        tokens = list()
+        for step in tracer.iter[:]:
+            tokens.append(model.lm_head.output[0, -1].argmax().item())
+        outs.append(tokens)
+
+
+@torch.no_grad()
+def test_a_helper_invoke_loops_over_generation_steps(gpt2, gpt2_tokenizer):
+    from nnsight import LanguageModel
+
+    model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
+    outs = []
+    with model.generate(max_new_tokens=3, do_sample=False) as tracer:
+        _add_generating_invoke(tracer, model, "Hello world", outs)
+        _add_generating_invoke(tracer, model, "The cat", outs)
+    for prompt, tokens in zip(("Hello world", "The cat"), outs):
+        alone = gpt2.generate(**gpt2_tokenizer(prompt, return_tensors="pt"), max_new_tokens=3, do_sample=False,
+                              pad_token_id=gpt2_tokenizer.eos_token_id)
+        assert tokens == alone[0, -3:].tolist()

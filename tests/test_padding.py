@@ -165,3 +165,26 @@ def test_only_the_tokenizers_pad_or_eos_token_pads(gpt2, fresh_gpt2_tokenizer):
         with tracer.invoke():
             both = model.output.logits.save()
     torch.testing.assert_close(both, gpt2(**tok(["Hello", "World"], return_tensors="pt")).logits, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_tokenizer_it_loads_for_an_encoder_decoder_pads_right(tmp_path, fresh_gpt2_tokenizer):
+    """BART reads learned absolute positions in its encoder: a left-padded row would be shifted."""
+    torch.manual_seed(7)
+    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=50257, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        pad_token_id=50256, decoder_start_token_id=2, init_std=0.5, dropout=0.0, attention_dropout=0.0,
+    )).eval()
+    bart.save_pretrained(tmp_path)
+    fresh_gpt2_tokenizer.save_pretrained(tmp_path)
+    model = LanguageModel(str(tmp_path), automodel=transformers.AutoModelForSeq2SeqLM, dispatch=True)
+    assert model.tokenizer.padding_side == "right"
+    start = torch.tensor([[2]])
+    with model.trace() as tracer:
+        with tracer.invoke(LONG, decoder_input_ids=start):
+            pass
+        with tracer.invoke(SHORT, decoder_input_ids=start):
+            logits = model.output.logits.save()
+    alone = model._module(**fresh_gpt2_tokenizer(SHORT, return_tensors="pt"), decoder_input_ids=start).logits
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-4)

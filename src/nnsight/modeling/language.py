@@ -13,7 +13,8 @@
 Options:
     model           a repo id / local folder, "smollm2-135m", or a built ``PreTrainedModel``
     tokenizer       a tokenizer to use (never modified); default: loaded beside the model
-                    and set to left padding (its pad token, if missing, is its eos token)
+                    and set to left padding (right for encoders and encoder-decoders; its pad
+                    token, if missing, is its eos token)
     automodel       the auto class used to load (default ``AutoModelForCausalLM``)
     dispatch        load the weights now (default: on the first trace; until then the
                     model lives on the meta device, so printing and scanning are instant)
@@ -144,6 +145,10 @@ class LanguageModel(AdapterMixin, NNsight):
             attn = kwargs.get("attn_implementation")
             if attn is not None and getattr(getattr(module, "config", None), "_attn_implementation", attn) != attn:
                 module.set_attn_implementation(attn)
+        if tokenizer is not None and tokenizer is not passed_tokenizer and not (padding_side or tokenizer_kwargs.get("padding_side")):
+            # One we loaded: left suits generating from a batch (a decoder-only model); encoders and
+            # encoder-decoders read learned or relative positions from the start, so pad on the right (as 0.8.1).
+            tokenizer.padding_side = "left" if _decoder_only(module) else "right"
         if passed_tokenizer is not None:
             for key, value in tokenizer_kwargs.items():  # a tokenizer you passed: set as asked
                 setattr(passed_tokenizer, key, value)
@@ -303,10 +308,14 @@ class LanguageModel(AdapterMixin, NNsight):
     def _tokenize(self, text, options=None):
         if self.tokenizer is None:
             raise NNsightError("this LanguageModel has no tokenizer: pass tokenizer=... or give token ids")
-        encoding = self.tokenizer(text, **{"add_special_tokens": True, **(options or {})})
+        options = {k: v for k, v in (options or {}).items() if k != "return_tensors"}  # rows are lists here
+        encoding = self.tokenizer(text, **{"add_special_tokens": True, **options})
         ids = encoding["input_ids"]
-        mask = encoding.get("attention_mask") or [1] * len(ids)
-        return (list(ids), list(mask))
+        row = _Row((list(ids), list(encoding.get("attention_mask") or [1] * len(ids))))
+        row.fields = {}
+        if options.get("text_pair") is not None and encoding.get("token_type_ids") is not None:
+            row.fields["token_type_ids"] = list(encoding["token_type_ids"])  # which tokens are the pair's
+        return row
 
     def _batch(self, prepared, invokers):
         rows = [row for (row_list,), _ in prepared for row in row_list]
@@ -498,6 +507,15 @@ def _warn_block_outputs(version: str):
             "states (as it did under 4.x and in nnsight's README). Use `.output` directly.",
             stacklevel=3,
         )
+
+
+def _decoder_only(module) -> bool:
+    """A model that generates from its own prompt tokens (GPT-2, Llama): not an encoder, not an encoder-decoder."""
+    config = getattr(module, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    can_generate = getattr(module, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else True
 
 
 def _check_side(side):
