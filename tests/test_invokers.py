@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from nnsight import NNsight
+from conftest import FIXTURES
+
+from nnsight import InvokeError, NNsight
 from nnsight import save as nnsight_save
 
 
@@ -119,10 +121,81 @@ def test_trace_input_plus_explicit_invoke(seq):
 
 def test_no_input_at_all_is_a_clear_error(seq):
     model = NNsight(seq)
-    with pytest.raises(Exception, match="nothing to run"):
+    with pytest.raises(InvokeError, match=r"test_invokers\.py:\d+: nothing to run.*invokes have none"):
         with model.trace() as tracer:
             with tracer.invoke():
                 model.output.save()
+
+
+def test_trace_with_no_input_and_no_invokes_is_an_invoke_error(seq):
+    model = NNsight(seq)
+    with pytest.raises(InvokeError, match=r"test_invokers\.py:\d+: nothing to run.*has no invokes") as empty:
+        with model.trace():
+            x = 1
+    assert isinstance(empty.value, ValueError)  # as 0.8.1 raises
+    with pytest.raises(InvokeError, match=r"test_invokers\.py:\d+: model\[0\]\.output was read") as read:
+        with model.trace():  # reads here
+            model[0].output.save()
+    assert _source_line(int(read.value.args[0].split(":")[1])).strip() == "with model.trace():  # reads here"
+    assert seq[0].forward.__func__ is torch.nn.Linear.forward  # no hook left behind
+
+
+def test_an_invoke_inside_an_invoke_is_an_invoke_error_at_its_line(seq):
+    model = NNsight(seq)
+    for inner_input in ((torch.rand(1, 5),), ()):
+        with pytest.raises(InvokeError, match=r"test_invokers\.py:(\d+): an invoke cannot be opened inside") as nested:
+            with model.trace() as tracer:
+                with tracer.invoke(torch.rand(1, 5)):
+                    with tracer.invoke(*inner_input):
+                        model[0].output.save()
+        line = int(nested.value.args[0].split(":")[1])
+        assert _source_line(line).strip() == "with tracer.invoke(*inner_input):"
+    with model.trace(torch.rand(1, 5)):  # the model is left usable, with no hook
+        out = model.output.save()
+    assert out.shape == (1, 2) and "forward" not in seq[0].__dict__
+
+
+def _source_line(number):
+    import pathlib
+
+    return pathlib.Path(__file__).read_text().splitlines()[number - 1]
+
+
+def _add_invoke(tracer, model, prompt, outs):
+    """A helper that opens an invoke of the trace that calls it (as 0.8.1 users write)."""
+    with tracer.invoke(prompt):
+        hidden = model.transformer.h[0].output.save()
+        outs.append((prompt, hidden, model.lm_head.output.save()))
+
+
+def test_invokes_opened_in_a_helper_function(gpt2):
+    from nnsight import LanguageModel
+
+    tok = __import__("transformers").GPT2TokenizerFast.from_pretrained(str(FIXTURES / "gpt2-tokenizer"))
+    model = LanguageModel(gpt2, tokenizer=tok)
+    seen = []
+    handle = gpt2.transformer.h[0].register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    prompts = ["Hello world", "The cat"]  # two tokens each: no padding to account for
+    outs, hidden = [], None  # `hidden`, a local here: a function's locals are fixed when it compiles
+    try:
+        with model.trace() as tracer:
+            _add_invoke(tracer, model, prompts[0], outs)
+            with tracer.invoke(prompts[1]):          # mixed with one written in the block
+                direct = model.lm_head.output.save()
+            _add_invoke(tracer, model, prompts[1], outs)
+    finally:
+        handle.remove()
+    # The helper's saved names reach the trace's caller, the last invoke's value winning (as in 0.8.1).
+    assert hidden is outs[1][1]
+    assert len(seen) == 1 and seen[0].shape[0] == 3  # one batched forward over all three invokes
+    assert [p for p, _, _ in outs] == [prompts[0], prompts[1]]
+    for row, (prompt, hidden_states, logits) in zip((0, 2), outs):
+        ids = tok(prompt, return_tensors="pt")
+        alone = gpt2(**ids).logits
+        torch.testing.assert_close(hidden_states, seen[0][row : row + 1])
+        torch.testing.assert_close(logits[:, -ids["input_ids"].shape[1]:], alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(direct, outs[1][2])
+    assert "forward" not in gpt2.transformer.h[0].__dict__
 
 
 def test_later_invoke_reads_and_reassigns_an_earlier_invokes_name(seq):
@@ -169,3 +242,49 @@ def test_invoke_code_runs_once_and_its_error_is_reported_at_once(seq, capsys):
                 print("second invoke starts")
                 y = later_name + 1  # not set yet: the first invoke is still waiting at layer 0
     assert capsys.readouterr().out.count("second invoke starts") == 1
+
+
+def test_a_helper_invoke_outside_its_trace_is_an_invoke_error(seq):
+    model = NNsight(seq)
+    with model.trace(torch.rand(1, 5)) as tracer:
+        out = model.output.save()
+    with pytest.raises(InvokeError, match="only be used while its `with model.trace"):
+        with tracer.invoke(torch.rand(1, 5)):
+            model.output.save()
+    assert out.shape == (1, 2) and "forward" not in seq[0].__dict__
+
+
+def test_a_barrier_fewer_invokes_reach_is_an_invoke_error(seq):
+    model = NNsight(seq)
+    with pytest.raises(InvokeError, match="barrier for 3 invokes was reached by only 2") as short:
+        with model.trace() as tracer:
+            barrier = tracer.barrier(3)
+            with tracer.invoke(torch.rand(1, 5)):
+                barrier()
+            with tracer.invoke(torch.rand(1, 5)):
+                barrier()
+    assert isinstance(short.value, ValueError)  # as 0.8.1 raises
+    assert "forward" not in seq[0].__dict__
+
+
+def _add_generating_invoke(tracer, model, prompt, outs):
+    with tracer.invoke(prompt):
+        tokens = list()
+        for step in tracer.iter[:]:
+            tokens.append(model.lm_head.output[0, -1].argmax().item())
+        outs.append(tokens)
+
+
+@torch.no_grad()
+def test_a_helper_invoke_loops_over_generation_steps(gpt2, gpt2_tokenizer):
+    from nnsight import LanguageModel
+
+    model = LanguageModel(gpt2, tokenizer=gpt2_tokenizer)
+    outs = []
+    with model.generate(max_new_tokens=3, do_sample=False) as tracer:
+        _add_generating_invoke(tracer, model, "Hello world", outs)
+        _add_generating_invoke(tracer, model, "The cat", outs)
+    for prompt, tokens in zip(("Hello world", "The cat"), outs):
+        alone = gpt2.generate(**gpt2_tokenizer(prompt, return_tensors="pt"), max_new_tokens=3, do_sample=False,
+                              pad_token_id=gpt2_tokenizer.eos_token_id)
+        assert tokens == alone[0, -3:].tolist()

@@ -105,7 +105,7 @@ def test_no_pad_token_anywhere_is_a_clear_error_only_when_padding_is_needed():
     with model.trace([5, 6, 7]):
         alone = model.lm_head.output.save()  # one row: nothing to pad
     assert torch.allclose(alone, hf(torch.tensor([[5, 6, 7]])).logits, atol=1e-6)
-    with pytest.raises(NNsightError, match="must be padded.*pad_token"):
+    with pytest.raises(ValueError, match="must be padded.*without a pad token.*pad_token"):
         with model.trace() as tracer:
             with tracer.invoke([5, 6, 7]):
                 pass
@@ -133,3 +133,58 @@ def test_invokes_must_agree_on_keyword_arguments(gpt2, gpt2_tokenizer):
                 pass
             with tracer.invoke("World"):
                 pass
+
+
+@torch.no_grad()
+def test_only_the_tokenizers_pad_or_eos_token_pads(gpt2, fresh_gpt2_tokenizer):
+    tok = fresh_gpt2_tokenizer
+    tok.padding_side = "left"
+    model = LanguageModel(gpt2, tokenizer=tok)
+
+    def padded_ids():
+        with model.trace() as tracer:
+            with tracer.invoke(LONG):
+                pass
+            with tracer.invoke(SHORT):
+                ids = model.inputs[1]["input_ids"].save()
+        return ids[0].tolist()
+
+    n, width = len(tok(SHORT).input_ids), len(tok(LONG).input_ids)
+    assert tok.pad_token is None and padded_ids() == [tok.eos_token_id] * (width - n) + tok(SHORT).input_ids
+    tok.pad_token = "!"  # a pad token wins over eos
+    assert padded_ids() == [tok.convert_tokens_to_ids("!")] * (width - n) + tok(SHORT).input_ids
+    tok.pad_token, tok.eos_token = None, None  # neither: the config's eos (50256) is not used instead
+    assert gpt2.config.eos_token_id is not None
+    with pytest.raises(ValueError, match="tokenizer names no pad token.*without a pad token"):
+        padded_ids()
+    with model.trace() as tracer:  # rows of one length need no padding
+        with tracer.invoke("Hello"):
+            pass
+        with tracer.invoke("World"):
+            pass
+        with tracer.invoke():
+            both = model.output.logits.save()
+    torch.testing.assert_close(both, gpt2(**tok(["Hello", "World"], return_tensors="pt")).logits, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_a_tokenizer_it_loads_for_an_encoder_decoder_pads_right(tmp_path, fresh_gpt2_tokenizer):
+    """BART reads learned absolute positions in its encoder: a left-padded row would be shifted."""
+    torch.manual_seed(7)
+    bart = transformers.BartForConditionalGeneration(transformers.BartConfig(
+        vocab_size=50257, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64,
+        pad_token_id=50256, decoder_start_token_id=2, init_std=0.5, dropout=0.0, attention_dropout=0.0,
+    )).eval()
+    bart.save_pretrained(tmp_path)
+    fresh_gpt2_tokenizer.save_pretrained(tmp_path)
+    model = LanguageModel(str(tmp_path), automodel=transformers.AutoModelForSeq2SeqLM, dispatch=True)
+    assert model.tokenizer.padding_side == "right"
+    start = torch.tensor([[2]])
+    with model.trace() as tracer:
+        with tracer.invoke(LONG, decoder_input_ids=start):
+            pass
+        with tracer.invoke(SHORT, decoder_input_ids=start):
+            logits = model.output.logits.save()
+    alone = model._module(**fresh_gpt2_tokenizer(SHORT, return_tensors="pt"), decoder_input_ids=start).logits
+    torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-4)

@@ -13,7 +13,7 @@ from .modeling.language import LanguageModel
 from .modeling.diffusion import DiffusionModel
 from .modeling.vision_language import VisionLanguageModel
 from .modeling.transformers import TransformersModel
-from .tracing.errors import MissedValueError, NNsightDeprecationWarning, NNsightError, NotInTraceError, OutOfOrderError
+from .tracing.errors import InvokeError, MissedValueError, NNsightDeprecationWarning, NNsightError, NotInTraceError, OutOfOrderError
 from .tracing.tracer import save
 from .ndif import compare, get_local_env, is_model_running, ndif_status, register, status  # ndif_status: deprecated
 
@@ -28,6 +28,7 @@ __all__ = [
     "TransformersModel",
     "Envoy",
     "save",
+    "InvokeError",
     "NNsightError",
     "OutOfOrderError",
     "MissedValueError",

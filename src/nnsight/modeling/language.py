@@ -13,7 +13,8 @@
 Options:
     model           a repo id / local folder, "smollm2-135m", or a built ``PreTrainedModel``
     tokenizer       a tokenizer to use (never modified); default: loaded beside the model
-                    and set to left padding (its pad token, if missing, is its eos token)
+                    and set to left padding (right for encoders and encoder-decoders; its pad
+                    token, if missing, is its eos token)
     automodel       the auto class used to load (default ``AutoModelForCausalLM``)
     dispatch        load the weights now (default: on the first trace; until then the
                     model lives on the meta device, so printing and scanning are instant)
@@ -36,13 +37,14 @@ ids counted from each row's first real token.
 from __future__ import annotations
 
 import inspect
+import numbers
 from collections.abc import Mapping
 
 import torch
 
 from ..tracing.deprecation import warn_deprecated
 from ..tracing.envoy import Envoy
-from ..tracing.errors import NNsightError
+from ..tracing.errors import InvokeError, NNsightError
 from ..tracing.interleaver import active_hook, current_mediator
 from ..tracing.tracer import Tracer
 from .adapters import AdapterMixin, with_adapter_option
@@ -52,8 +54,15 @@ from .base import NNsight, untraced
 
 # Per-token fields an invoke may pass beside its ids, with the value that pads them and
 # fills them in for an invoke that lacks them (position_ids: counted from its mask instead).
-_ROW_FIELDS = {"token_type_ids": 0, "position_ids": 0, "labels": -100}
-_INPUT_KEYS = ("input_ids", "attention_mask", *_ROW_FIELDS)
+_ROW_FIELDS = {"token_type_ids": 0, "position_ids": 0, "labels": -100, "special_tokens_mask": 1,
+               "global_attention_mask": 0}
+# A decoder's fields have a width of their own: each row is padded on the right to the widest
+# (whichever side the inputs are padded on), and every invoke must pass them (there is no default).
+# decoder_input_ids pad with the pad token (None here).
+_DECODER_FIELDS = {"decoder_input_ids": None, "decoder_attention_mask": 0, "decoder_inputs_embeds": 0.0}
+# One value per row (question answering's span), concatenated; every invoke must pass them.
+_EXAMPLE_FIELDS = ("start_positions", "end_positions")
+_INPUT_KEYS = ("input_ids", "attention_mask", "inputs_embeds", *_ROW_FIELDS, *_DECODER_FIELDS, *_EXAMPLE_FIELDS)
 # Loading options that also reach the config and the tokenizer (they choose the code and files).
 _HUB_KWARGS = ("revision", "trust_remote_code", "token", "cache_dir", "local_files_only", "subfolder")
 # Options that decide which modules the meta build has (device_map and the like mean nothing on meta).
@@ -137,6 +146,10 @@ class LanguageModel(AdapterMixin, NNsight):
             attn = kwargs.get("attn_implementation")
             if attn is not None and getattr(getattr(module, "config", None), "_attn_implementation", attn) != attn:
                 module.set_attn_implementation(attn)
+        if tokenizer is not None and tokenizer is not passed_tokenizer and not (padding_side or tokenizer_kwargs.get("padding_side")):
+            # One we loaded: left suits generating from a batch (a decoder-only model); encoders and
+            # encoder-decoders read learned or relative positions from the start, so pad on the right (as 0.8.1).
+            tokenizer.padding_side = "left" if _decoder_only(module) else "right"
         if passed_tokenizer is not None:
             for key, value in tokenizer_kwargs.items():  # a tokenizer you passed: set as asked
                 setattr(passed_tokenizer, key, value)
@@ -220,95 +233,184 @@ class LanguageModel(AdapterMixin, NNsight):
             return remote_block(self, kind, inputs, kwargs, blocking, remote)
         if load:
             self.dispatch()
-        input_kwargs, run_kwargs = _split(kwargs)
+        input_kwargs, run_kwargs = _split(kwargs, self._tokenizer_options())
         return tracer_class(self, inputs, input_kwargs, run_kwargs)
 
     # -- inputs ----------------------------------------------------------------
 
     def _prepare_input(self, *inputs, **kwargs):
         rows = []
-        fields = {k: kwargs.pop(k) for k in _ROW_FIELDS
-                  if k in kwargs and (_is_sequence(kwargs[k]) or (k == "labels" and isinstance(kwargs[k], int)))}
-        if "input_ids" not in kwargs and "attention_mask" in kwargs and len(inputs) == 1 and _is_ids(inputs[0]):
+        # Tokenizer options (truncation=, max_length=, add_special_tokens=, ...) apply to this invoke's text.
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k in self._tokenizer_options()}
+        kwargs = {k: _as_tensor(v) for k, v in kwargs.items()}
+        fields = {k: kwargs.pop(k) for k in (*_ROW_FIELDS, *_DECODER_FIELDS, *_EXAMPLE_FIELDS)
+                  if k in kwargs and _is_field(k, kwargs[k])}
+        if "input_ids" not in kwargs and "attention_mask" in kwargs and len(inputs) == 1 and _is_ids(_as_tensor(inputs[0])):
             # model.trace(ids, attention_mask=mask): the mask belongs to those ids.
             kwargs["input_ids"], inputs = inputs[0], ()
+        whole = _whole_input(inputs, kwargs)
+        if whole is not None:
+            return ([whole],), kwargs, len(whole["input_ids"])
         if "input_ids" in kwargs:
             rows += _rows_from_ids(kwargs.pop("input_ids"), kwargs.pop("attention_mask", None))
+        elif isinstance(kwargs.get("inputs_embeds"), torch.Tensor):
+            rows += _rows_from_embeds(kwargs.pop("inputs_embeds"), kwargs.pop("attention_mask", None))
         for value in inputs:
-            rows += self._rows(value)
+            rows += self._rows(value, options)
         if not rows:
-            raise NNsightError("a LanguageModel invoke needs text, token ids or input_ids")
+            raise InvokeError("a LanguageModel invoke needs text, token ids, input_ids or inputs_embeds")
+        if any(row[0] is None for row in rows) and any(row[0] is not None for row in rows):
+            raise InvokeError("an invoke passes both token ids and inputs_embeds: the model takes one or the other")
         if fields:
             rows = _with_fields(rows, fields)
         return (rows,), kwargs, len(rows)
 
-    def _rows(self, value):
+    def _tokenizer_options(self) -> frozenset:
+        """The keyword arguments the tokenizer's ``__call__`` takes besides the text (truncation, ...)."""
+        tok = self.tokenizer
+        if tok is None:
+            return frozenset()
+        cached = self.__dict__.get("_tokenizer_option_cache")
+        if cached is None or cached[0] is not tok:
+            try:
+                params = inspect.signature(type(tok).__call__).parameters
+            except (TypeError, ValueError):  # a callable without a signature Python can read
+                params = {}
+            names = frozenset(
+                n for n, p in params.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in ("self", "text")
+            ) - frozenset(_INPUT_KEYS)
+            cached = (tok, names)
+            object.__setattr__(self, "_tokenizer_option_cache", cached)
+        return cached[1]
+
+    def _rows(self, value, options=None):
+        value = _as_tensor(value)
         if isinstance(value, str):
-            return [self._tokenize(value)]
-        if isinstance(value, Mapping) and "input_ids" in value:
-            rows = _rows_from_ids(value["input_ids"], value.get("attention_mask"))
-            fields = {k: value[k] for k in _ROW_FIELDS if value.get(k) is not None}
+            return [self._tokenize(value, options)]
+        if isinstance(value, Mapping) and ("input_ids" in value or "inputs_embeds" in value):
+            value = {k: _as_tensor(v) for k, v in value.items()}
+            if "input_ids" in value:
+                rows = _rows_from_ids(value["input_ids"], value.get("attention_mask"))
+            else:
+                rows = _rows_from_embeds(value["inputs_embeds"], value.get("attention_mask"))
+            fields = {k: value[k] for k in (*_ROW_FIELDS, *_DECODER_FIELDS, *_EXAMPLE_FIELDS) if value.get(k) is not None}
             return _with_fields(rows, fields) if fields else rows
         if isinstance(value, torch.Tensor):
             return _rows_from_ids(value, None)
         if isinstance(value, (list, tuple)):
             if not value:
-                raise NNsightError("an empty list is not a valid LanguageModel input")
+                raise InvokeError("an empty list is not a valid LanguageModel input")
             if all(isinstance(v, str) for v in value):
-                return [self._tokenize(v) for v in value]
-            if all(isinstance(v, int) for v in value):
-                return [(list(value), [1] * len(value))]
+                return [self._tokenize(v, options) for v in value]
+            if all(isinstance(v, numbers.Integral) for v in value):
+                return _rows_from_ids([int(v) for v in value], None)
             rows = []
             for v in value:
-                rows += self._rows(v)
+                rows += self._rows(v, options)
             return rows
         raise TypeError(f"cannot use a {type(value).__name__} as LanguageModel input")
 
-    def _tokenize(self, text):
+    def _tokenize(self, text, options=None):
         if self.tokenizer is None:
             raise NNsightError("this LanguageModel has no tokenizer: pass tokenizer=... or give token ids")
-        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
-        return (list(ids), [1] * len(ids))
+        options = {k: v for k, v in (options or {}).items() if k != "return_tensors"}  # rows are lists here
+        encoding = self.tokenizer(text, **{"add_special_tokens": True, **options})
+        ids = encoding["input_ids"]
+        row = _Row((list(ids), list(encoding.get("attention_mask") or [1] * len(ids))))
+        row.fields = {}
+        if options.get("text_pair") is not None and encoding.get("token_type_ids") is not None:
+            row.fields["token_type_ids"] = list(encoding["token_type_ids"])  # which tokens are the pair's
+        return row
 
     def _batch(self, prepared, invokers):
         rows = [row for (row_list,), _ in prepared for row in row_list]
         kwargs = _shared_kwargs([kw for _, kw in prepared])
-        width = max(len(ids) for ids, _ in rows)
+        if any(isinstance(row, _Whole) for row in rows):
+            if len(rows) != 1:
+                raise InvokeError("token ids of more than two dimensions (e.g. multiple choice) are handed to the "
+                                  "model whole, so they cannot share a batch with other invokes")
+            return (), {**rows[0], **kwargs}
+        width = max(len(mask) for _, mask in rows)
+        embedded = rows[0][0] is None
+        if embedded != all(ids is None for ids, _ in rows):
+            raise InvokeError("some invokes pass token ids and others inputs_embeds: the model takes one or the other")
         pad = None
-        if any(len(ids) != width for ids, _ in rows):
+        if not embedded and any(len(ids) != width for ids, _ in rows):
             pad = self._pad_id()
             if pad is None:
-                raise NNsightError(
-                    "these inputs have different lengths and must be padded, but neither the tokenizer nor the "
-                    "model config names a pad or eos token: set model.tokenizer.pad_token (or pass equal-length inputs)"
+                who = "the tokenizer" if self.tokenizer is not None else "the model's config (there is no tokenizer)"
+                raise InvokeError(
+                    f"these invokes' inputs have different lengths and must be padded, but {who} names no pad "
+                    "token (nor an eos token to pad with), so they cannot be padded without a pad token: set "
+                    "model.tokenizer.pad_token (or pass equal-length inputs)"
                 )
         side = self.padding_side
         all_ids, all_masks = [], []
         for ids, mask in rows:
-            fill = width - len(ids)
+            fill = width - len(mask)
             if side == "left":
-                all_ids.append([pad] * fill + ids)
+                all_ids.append(None if embedded else [pad] * fill + ids)
                 all_masks.append([0] * fill + mask)
             else:
-                all_ids.append(ids + [pad] * fill)
+                all_ids.append(None if embedded else ids + [pad] * fill)
                 all_masks.append(mask + [0] * fill)
         device = self._device()
-        input_ids = torch.tensor(all_ids, dtype=torch.long, device=device)
         attention_mask = torch.tensor(all_masks, dtype=torch.long, device=device)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **kwargs}
+        run_kwargs = invokers[0].tracer._run_kwargs if invokers and hasattr(invokers[0], "tracer") else {}
+        if pad is None and ("past_key_values" in kwargs or "past_key_values" in run_kwargs) and all(getattr(row, "assumed", False) for row in rows):
+            # Continuing a cache: a mask would have to cover its past tokens too, so none is made up.
+            attention_mask = None
+        if embedded:
+            batch = {"inputs_embeds": _pad_tensors([row.fields["inputs_embeds"] for row in rows], width, side, device),
+                     "attention_mask": attention_mask, **kwargs}
+        else:
+            batch = {"input_ids": torch.tensor(all_ids, dtype=torch.long, device=device),
+                     "attention_mask": attention_mask, **kwargs}
         for name in _ROW_FIELDS:
             if any(name in getattr(row, "fields", {}) for row in rows):
                 batch[name] = _batch_field(name, rows, all_masks, width, side, device)
+        for name in (*_DECODER_FIELDS, *_EXAMPLE_FIELDS):
+            having = sum(name in getattr(row, "fields", {}) for row in rows)
+            if not having:
+                continue
+            if having != len(rows):
+                raise InvokeError(
+                    f"{having} of {len(rows)} rows have `{name}`: it has no default to fill in, so every "
+                    "invoke must pass it (or none)"
+                )
+            values = [row.fields[name] for row in rows]
+            if name in _EXAMPLE_FIELDS:
+                batch[name] = torch.tensor(values, dtype=torch.long, device=device)
+            elif isinstance(values[0], torch.Tensor):  # decoder_inputs_embeds
+                batch[name] = _pad_tensors(values, max(len(v) for v in values), "right", device)
+            else:
+                fill = _DECODER_FIELDS[name]
+                if fill is None:
+                    fill = self._decoder_pad_id()
+                own = max(len(v) for v in values)
+                batch[name] = torch.tensor([v + [fill] * (own - len(v)) for v in values], dtype=torch.long, device=device)
+        if attention_mask is None:
+            del batch["attention_mask"]
         return (), batch
 
+    def _decoder_pad_id(self):
+        pad = getattr(self.config, "pad_token_id", None)
+        if pad is None:
+            pad = self._pad_id()
+        if pad is None:
+            raise InvokeError("`decoder_input_ids` of different lengths need a pad token: the config and the tokenizer name none")
+        return int(pad)
+
     def _pad_id(self):
+        """The tokenizer's pad token, else its eos token (as nnsight 0.8.1 pads); a model without a
+        tokenizer (token ids only) uses its config's pad, else eos, token id. None when there is none."""
         tok = self.tokenizer
-        for candidate in (
-            getattr(tok, "pad_token_id", None),
-            getattr(tok, "eos_token_id", None),
-            getattr(self.config, "pad_token_id", None),
-            getattr(self.config, "eos_token_id", None),
-        ):
+        if tok is not None:
+            candidates = (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+        else:
+            candidates = (getattr(self.config, "pad_token_id", None), getattr(self.config, "eos_token_id", None))
+        for candidate in candidates:
             if isinstance(candidate, list):
                 candidate = candidate[0] if candidate else None
             if candidate is not None:
@@ -427,6 +529,15 @@ def _warn_block_outputs(version: str):
         )
 
 
+def _decoder_only(module) -> bool:
+    """A model that generates from its own prompt tokens (GPT-2, Llama): not an encoder, not an encoder-decoder."""
+    config = getattr(module, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return False
+    can_generate = getattr(module, "can_generate", None)
+    return bool(can_generate()) if callable(can_generate) else True
+
+
 def _check_side(side):
     if side is not None and side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', not {side!r}")
@@ -445,13 +556,13 @@ def _shared_kwargs(per_invoke):
     first = per_invoke[0]
     for number, kwargs in enumerate(per_invoke[1:], start=2):
         if kwargs.keys() != first.keys():
-            raise NNsightError(
+            raise InvokeError(
                 f"invoke {number} passes keyword arguments {sorted(kwargs)} but invoke 1 passes {sorted(first)}: "
                 "a LanguageModel runs all invokes as one batch, so every invoke must pass the same ones"
             )
         for key, value in kwargs.items():
             if not _same(value, first[key]):
-                raise NNsightError(
+                raise InvokeError(
                     f"invoke {number} passes {key}={_short(value)} but invoke 1 passes {key}={_short(first[key])}: "
                     "a LanguageModel runs all invokes as one batch, so keyword arguments must agree "
                     "(pass it once, to the trace)"
@@ -475,10 +586,55 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _split(kwargs):
-    inputs = {k: v for k, v in kwargs.items() if k in _INPUT_KEYS}
-    rest = {k: v for k, v in kwargs.items() if k not in _INPUT_KEYS}
+def _split(kwargs, tokenizer_options=frozenset()):
+    """The trace's keyword arguments: (the input's and the tokenizer's, the run's)."""
+    inputs = {k: v for k, v in kwargs.items() if k in _INPUT_KEYS or k in tokenizer_options}
+    rest = {k: v for k, v in kwargs.items() if k not in inputs}
     return inputs, rest
+
+
+def _as_tensor(value):
+    """A numpy array (or numpy integer) as a tensor / int; anything else as it is."""
+    if type(value).__module__ == "numpy":
+        if getattr(value, "ndim", 0) == 0:
+            return value.item()
+        return torch.as_tensor(value)
+    return value
+
+
+def _rows_from_embeds(embeds, mask):
+    """Rows of ``inputs_embeds`` ([rows, tokens, hidden], or one row [tokens, hidden]): ids None, the row in its fields."""
+    if embeds.dim() == 2:
+        embeds = embeds[None]
+    if embeds.dim() != 3:
+        raise InvokeError(f"inputs_embeds must be [rows, tokens, hidden] (or [tokens, hidden]), not of shape {tuple(embeds.shape)}")
+    if mask is None:
+        masks = [[1] * embeds.shape[1] for _ in range(embeds.shape[0])]
+    else:
+        masks = mask.tolist() if isinstance(mask, torch.Tensor) else mask
+        if masks and isinstance(masks[0], int):
+            masks = [masks]
+    rows = []
+    for i, m in enumerate(masks):
+        row = _Row((None, [int(v) for v in m]))
+        row.fields = {"inputs_embeds": embeds[i]}
+        rows.append(row)
+    return rows
+
+
+def _pad_tensors(rows, width, side, device):
+    """Rows of [tokens, hidden] stacked into [rows, width, hidden], padded with zeros on ``side``."""
+    padded = []
+    for row in rows:
+        fill = row.new_zeros((width - row.shape[0], *row.shape[1:]))
+        padded.append(torch.cat((fill, row) if side == "left" else (row, fill)))
+    return torch.stack(padded).to(device)
+
+
+def _is_field(name, value) -> bool:
+    if name in _EXAMPLE_FIELDS or name == "labels":
+        return _is_sequence(value) or isinstance(value, numbers.Integral)
+    return _is_sequence(value)
 
 
 def _rows_from_ids(ids, mask):
@@ -486,19 +642,50 @@ def _rows_from_ids(ids, mask):
         ids = ids.tolist()
     if ids and isinstance(ids[0], int):
         ids = [ids]
+    mask = _as_tensor(mask)
+    if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+        mask = mask.long()
     if mask is None:
         masks = [[1] * len(row) for row in ids]
     else:
         masks = mask.tolist() if isinstance(mask, torch.Tensor) else mask
         if masks and isinstance(masks[0], int):
             masks = [masks]
-    return [(list(row), list(m)) for row, m in zip(ids, masks)]
+    rows = []
+    for row, m in zip(ids, masks):
+        new = _Row((list(row), list(m)))
+        new.fields, new.assumed = {}, mask is None
+        rows.append(new)
+    return rows
 
 
 class _Row(tuple):
-    """One row ``(ids, mask)``, with the per-token fields its invoke passed (``.fields``)."""
+    """One row ``(ids, mask)``, with the per-token fields its invoke passed (``.fields``);
+    ``assumed``: the mask is all ones because none was given."""
 
     fields: dict
+    assumed = False
+
+
+class _Whole(dict):
+    """An invoke's inputs handed to the model as they are (ids of more than two dimensions)."""
+
+
+def _whole_input(inputs, kwargs):
+    """The invoke's inputs as one ``_Whole`` when its ids have more than two dimensions, else None."""
+    ids = kwargs.get("input_ids")
+    source = kwargs
+    if ids is None and len(inputs) == 1:
+        source = inputs[0] if isinstance(inputs[0], Mapping) else {"input_ids": inputs[0]}
+        ids = _as_tensor(source.get("input_ids"))
+    if not isinstance(ids, torch.Tensor) or ids.dim() <= 2:
+        return None
+    whole = _Whole({k: _as_tensor(v) for k, v in source.items()})
+    whole.setdefault("attention_mask", torch.ones_like(ids))
+    if source is kwargs:
+        for key in list(whole):
+            kwargs.pop(key, None)
+    return whole
 
 
 def _left_padded_positions(mask, ids):
@@ -518,6 +705,7 @@ def _left_padded_positions(mask, ids):
 
 
 def _is_ids(value) -> bool:
+    value = _as_tensor(value)
     if isinstance(value, torch.Tensor):
         return not value.is_floating_point()
     return isinstance(value, list) and bool(value) and all(isinstance(v, (int, list)) for v in value)
@@ -535,6 +723,17 @@ def _is_sequence(value) -> bool:
 
 def _as_rows(value, count: int, name: str):
     """``value`` (a tensor or nested list) as ``count`` lists, one per row; one row is shared by all."""
+    if name == "decoder_inputs_embeds":
+        rows = value if value.dim() == 3 else value[None]
+        if len(rows) != count:
+            raise InvokeError(f"`{name}` has {len(rows)} rows, but the input has {count}")
+        return list(rows)
+    if name in _EXAMPLE_FIELDS:
+        per_row = value.reshape(-1).tolist() if isinstance(value, torch.Tensor) else value
+        per_row = [per_row] if isinstance(per_row, int) else list(per_row)
+        if len(per_row) != count:
+            raise InvokeError(f"`{name}` has {len(per_row)} values, but the input has {count} rows (one each)")
+        return per_row
     if isinstance(value, torch.Tensor):
         value = value.tolist()
     if isinstance(value, int) and name == "labels":
@@ -542,30 +741,31 @@ def _as_rows(value, count: int, name: str):
     if name == "labels" and isinstance(value, list) and value and isinstance(value[0], int) and count > 1:
         # Flat labels over several rows: one class per row (sequence classification).
         if len(value) != count:
-            raise NNsightError(f"`labels` has {len(value)} rows, but `input_ids` has {count}")
+            raise InvokeError(f"`labels` has {len(value)} rows, but `input_ids` has {count}")
         return value
     if not isinstance(value, list) or not value:
-        raise NNsightError(f"`{name}` must be a tensor or list of per-token values, not {_short(value)}")
+        raise InvokeError(f"`{name}` must be a tensor or list of per-token values, not {_short(value)}")
     if not isinstance(value[0], list):
         value = [value]
     if len(value) == 1 and count > 1:
         value = value * count
     if len(value) != count:
-        raise NNsightError(f"`{name}` has {len(value)} rows, but `input_ids` has {count}")
+        raise InvokeError(f"`{name}` has {len(value)} rows, but `input_ids` has {count}")
     return value
 
 
 def _with_fields(rows, fields):
+    fields = {name: _as_tensor(value) for name, value in fields.items()}
     per_name = {name: _as_rows(value, len(rows), name) for name, value in fields.items()}
     labels = per_name.get("labels")
-    if labels is not None and len(rows) == 1 and len(labels[0]) == 1 and len(rows[0][0]) != 1 and _flat(fields["labels"]):
+    if labels is not None and len(rows) == 1 and len(labels[0]) == 1 and len(rows[0][1]) != 1 and _flat(fields["labels"]):
         # One label beside one row of several tokens: that row's class.
         per_name["labels"] = [labels[0][0]]
     out = []
     for i, row in enumerate(rows):
         new = _Row(row[:2])
         new.fields = {**getattr(row, "fields", {}),
-                      **{name: (v[i] if isinstance(v[i], int) else list(v[i])) for name, v in per_name.items()}}
+                      **{name: (v[i] if isinstance(v[i], (int, torch.Tensor)) else list(v[i])) for name, v in per_name.items()}}
         out.append(new)
     return out
 
@@ -579,13 +779,13 @@ def _batch_field(name, rows, masks, width, side, device):
     given = [row.fields[name] for row in carrying]
     if any(isinstance(v, int) for v in given):
         if not all(isinstance(v, int) for v in given):
-            raise NNsightError(f"some invokes pass one `{name}` per row and others one per token")
+            raise InvokeError(f"some invokes pass one `{name}` per row and others one per token")
         per_row = [getattr(row, "fields", {}).get(name, fill) for row in rows]
         return torch.tensor(per_row, dtype=torch.long, device=device)
-    other_width = max((len(v) for v, row in zip(given, carrying) if len(v) != len(row[0])), default=None)
+    other_width = max((len(v) for v, row in zip(given, carrying) if len(v) != len(row[1])), default=None)
     values = []
     for row, mask in zip(rows, masks):
-        ids = row[0]
+        ids = row[1]  # its mask: as long as its ids, or its inputs_embeds
         value = getattr(row, "fields", {}).get(name)
         if value is None:
             if name == "position_ids":
@@ -594,6 +794,8 @@ def _batch_field(name, rows, masks, width, side, device):
                 value = [fill] * (width if other_width is None else other_width)
             values.append(value)
             continue
+        if len(value) != len(ids) and name != "labels":
+            raise InvokeError(f"`{name}` has {len(value)} positions for a row of {len(ids)}: one per token is needed")
         if len(value) == len(ids) and other_width is None:
             pad = [fill] * (width - len(ids))
             values.append(pad + value if side == "left" else value + pad)
@@ -602,7 +804,7 @@ def _batch_field(name, rows, masks, width, side, device):
     try:
         return torch.tensor(values, dtype=torch.long, device=device)
     except ValueError as err:  # rows whose widths cannot be made one
-        raise NNsightError(f"`{name}` has rows of different widths that do not match their ids: {err}") from None
+        raise InvokeError(f"`{name}` has rows of different widths that do not match their ids: {err}") from None
 
 
 def _resolve(name: str) -> str:

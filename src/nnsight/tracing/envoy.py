@@ -443,6 +443,11 @@ class Envoy(ValueAccess):
     def _mediator(self, what: str):
         mediator = current_mediator()
         if mediator is None:
+            from .tracer import setup_error  # (tracer imports this module)
+
+            error = setup_error(f"{self._display}.{what}")
+            if error is not None:
+                raise error
             raise NotInTraceError(
                 f"{self._display}.{what} was accessed outside of a trace (outside of interleaving: no model "
                 f"is running). Module values exist only while "

@@ -40,6 +40,14 @@ class SaveOutsideTraceError(NotInTraceError):
     """``nnsight.save(x)`` with no trace or session running (a ``ValueError``, as ``NotInTraceError`` is, and as in nnsight 0.8.1)."""
 
 
+class InvokeError(NNsightError, ValueError):
+    """An invoke that cannot run: a trace with no input and no invoke that has one, or an
+    invoke opened inside another (their code runs while the model does, too late to add a row).
+
+    Also a ``ValueError``, as nnsight 0.8.1 raises there.
+    """
+
+
 class NNsightDeprecationWarning(FutureWarning):
     """What nnsight warns with when a spelling of older versions still works but does nothing or changed.
 

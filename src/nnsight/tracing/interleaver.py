@@ -31,7 +31,7 @@ import greenlet
 import torch
 
 from .batching import merge, narrow
-from .errors import AfterRunError, MissedValueError, NNsightError, OutOfOrderError
+from .errors import AfterRunError, InvokeError, MissedValueError, NNsightError, OutOfOrderError
 
 _MISSING = object()
 
@@ -803,9 +803,9 @@ class Interleaver:
 
     def _describe_missed(self, mediator, request):
         if type(request) is BarrierRequest:
-            return NNsightError(
+            return InvokeError(  # a ValueError, as 0.8.1 raises
                 f"a barrier for {request.barrier.participants} invokes was reached by only "
-                f"{len(request.barrier.arrived)}: check the number it was created with"
+                f"{len(request.barrier.arrived)} (never by every invoke): check the number it was created with"
             )
         wanted = request.describe()
         last = mediator.last

@@ -30,7 +30,8 @@ import torch
 
 from .capture import SkipBlock, bind, capture, read_scope
 from .deprecation import warn_deprecated_at
-from .errors import NNsightDeprecationWarning, NNsightError, SaveOutsideTraceError, user_traceback
+from .errors import InvokeError, NNsightDeprecationWarning, NNsightError, SaveOutsideTraceError, user_traceback
+from .helper_invoke import BLOCK_FUNCTION, HelperInvoke
 from .interleaver import Interleaver, LoopEnd, ResultRequest, StepRequest, current_mediator
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,30 +55,55 @@ def user_frame(depth: int = 2):
 
 
 class Invoker:
-    """One ``with tracer.invoke(...)`` block: an input for the batch and the code that goes with it."""
+    """One ``with tracer.invoke(...)`` block: an input for the batch and the code that goes with it.
 
-    def __init__(self, tracer, args, kwargs):
+    Written in the trace block, the block's compiler hands it its body (``set_body``); written
+    in a helper function the block calls, it captures its own body (see helper_invoke).
+    """
+
+    def __init__(self, tracer, args, kwargs, where=None):
         self.tracer = tracer
         self.args = args
         self.kwargs = kwargs
         self.has_input = bool(args or kwargs)
         self.body = None
+        self.where = where  # (filename, line) of the user's `tracer.invoke(...)`
+        self._helper = None
 
     def __enter__(self):
+        if current_mediator() is not None:
+            # Invoke code runs while the model runs: too late to add rows to its batch.
+            raise InvokeError(
+                f"{_at(self.where)}an invoke cannot be opened inside another invoke (its code runs while the "
+                "model is already running): write the invokes one after another in the trace block"
+            )
+        frame = user_frame()
+        if frame.f_code.co_name != BLOCK_FUNCTION:
+            if _running.context is not self.tracer:
+                raise InvokeError(
+                    f"{_at(self.where)}tracer.invoke(...) can only be used while its `with model.trace(...)` "
+                    "block runs (directly in it, or in a function the block calls)"
+                )
+            self._helper = HelperInvoke(self, frame, self.tracer._save, _assign)
         return self
 
     def set_body(self, body):
         self.body = body
 
     def __exit__(self, exc_type, exc, tb):
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            if not helper.finish(exc_type):
+                return False
+            self.tracer._invokers.append(self)
+            return True  # the body was skipped: ours to run
         if exc_type is None:
-            if self.body is None:
-                raise NNsightError(
-                    "tracer.invoke(...) must be written directly inside the `with model.trace():` "
-                    "block (not in a helper function called from it)"
-                )
             self.tracer._invokers.append(self)
         return False
+
+
+def _at(where) -> str:
+    return f"{where[0]}:{where[1]}: " if where else ""
 
 
 class StepLoop:
@@ -281,6 +307,10 @@ class BlockContext:
         """An explicit invoke's own names, as it ends (see capture._InvokeRewriter)."""
         self._published.update(names)
 
+    def publish_saved(self, names):
+        """``publish`` the saved ones of ``names`` (a helper invoke's scope, see helper_invoke)."""
+        self._published.update({name: value for name, value in names.items() if self._keeps(value)})
+
     def _keeps(self, value):
         """Saved, or a list/tuple/dict of saved values (``outs = [m.output.save() for m in layers]``)."""
         saved = self._saved
@@ -336,6 +366,7 @@ class Tracer(BlockContext):
         self._invokers: list[Invoker] = []
         self.interleaver = None
         self._result = None
+        self._setting_up = False  # running the eager code of a block with no input (implicit_invoke)
 
     @property
     def model(self):
@@ -347,6 +378,15 @@ class Tracer(BlockContext):
         return self._model_ref()
 
     def implicit_invoke(self, body):
+        if not (self._args or self._kwargs):
+            # No input: the block is setup code (it may call helpers that open invokes), so it
+            # runs now; module values read here have no rows to come from.
+            self._setting_up = True
+            try:
+                body()
+            finally:
+                self._setting_up = False
+            return
         invoker = Invoker(self, self._args, self._kwargs)
         invoker.body = body
         self._invokers.append(invoker)
@@ -354,7 +394,8 @@ class Tracer(BlockContext):
     # -- the user's API ------------------------------------------------------
 
     def invoke(self, *args, **kwargs) -> Invoker:
-        return Invoker(self, args, kwargs)
+        frame = user_frame()
+        return Invoker(self, args, kwargs, (frame.f_code.co_filename, frame.f_lineno))
 
     def stop(self):
         """End the model's forward pass here; values saved so far are kept."""
@@ -409,6 +450,10 @@ class Tracer(BlockContext):
             return self._result
         return mediator.wait_for_result()
 
+    def _where(self):
+        block = getattr(self, "_block", None)
+        return (block.filename, block.lineno) if block is not None else None
+
     # -- running ---------------------------------------------------------------
 
     def run_untraced(self):
@@ -429,8 +474,11 @@ class Tracer(BlockContext):
                 invokers.insert(0, implicit)
         with_input = [inv for inv in invokers if inv.has_input]
         if not with_input:
-            raise NNsightError(
-                "nothing to run: pass an input to model.trace(...) or add a `with tracer.invoke(input):` block"
+            empty = next((inv for inv in invokers if inv.where), None)
+            raise InvokeError(
+                f"{_at(empty.where if empty else self._where())}nothing to run: model.trace() got no input"
+                + (" and its invokes have none either" if invokers else " and has no invokes")
+                + ": pass an input to model.trace(...) or add a `with tracer.invoke(input):` block"
             )
         prepared = []
         offset = 0
@@ -493,6 +541,19 @@ class Barrier:
             interleaver.release(sorted(self.arrived, key=interleaver.mediators.index))
             self.arrived = []
         mediator.park(self)
+
+
+def setup_error(what: str):
+    """The error for ``what`` (a module value) read by a trace's code that has no input to run on,
+    or None where that is not the case (the caller then raises its own NotInTraceError)."""
+    tracer = _running.context
+    if current_mediator() is not None or not getattr(tracer, "_setting_up", False):
+        return None
+    return InvokeError(
+        f"{_at(tracer._where())}{what} was read in a `with model.trace():` block with no input: module "
+        "values come from the rows of an input, so pass one to model.trace(...) or read it inside a "
+        "`with tracer.invoke(input):` block"
+    )
 
 
 def _nothing():
